@@ -6,9 +6,22 @@
 //! The message's journey is the module layout:
 //!
 //! ```text
-//! ingest (mllp, serial) -> hl7 (charset, parse, ACK) -> map (YAML plan) -> fhir (ids, rules, validate)
-//!        -> sign (JCS + detached JWS) -> outbox (redb, group commit) -> forward (mqtt)
+//! ingest (mllp) -> hl7 (charset, parse, ACK) -> outbox (durable, group commit) -> ACK
+//!                                                  |
+//!            pipeline: map (YAML plan) -> fhir (envelope, validate) -> sign (JCS + JWS)
+//!                                                  |
+//!                                     outbox (Ready) -> forward (MQTT, QoS 1, FIFO per feed)
 //! ```
 //!
-//! `pipeline` wires the stages together for the daemon; `config` layers settings with figment;
-//! `ops` holds what an appliance needs around the pipeline (logging, shutdown).
+//! `config` layers settings with figment; `ops` holds logging and shutdown.
+
+pub mod config;
+pub mod fhir;
+pub mod forward;
+pub mod hl7;
+pub mod ingest;
+pub mod map;
+pub mod ops;
+pub mod outbox;
+pub mod pipeline;
+pub mod sign;

@@ -1,0 +1,293 @@
+//! Configuration: built-in defaults < `--config FILE` (TOML) < environment `HL7EDGE_*`.
+//!
+//! Layering is done with figment so that every value carries where it came from; an error names the
+//! key and the file (or environment variable) that set it. Unknown keys are errors
+//! (`deny_unknown_fields` everywhere): a misspelt `max_frame_bytes` must not silently fall back to
+//! its default on a hospital appliance.
+//!
+//! Environment variables nest with a double underscore: `HL7EDGE_MQTT__URL=mqtt://broker:1883`
+//! sets `mqtt.url`, `HL7EDGE_SITE__ODS_CODE=RRV` sets `site.ods_code`.
+//!
+//! Feeds (one per legacy source) are not in this file: they are declared in `adapters/`, one TOML
+//! file per feed (see [`crate::ingest::adapter`]).
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::forward::mqtt::MqttConfig;
+
+/// Everything the daemon and the offline commands need, one section per stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Who this appliance is and which namespaces its identifiers live in.
+    pub site: SiteConfig,
+    /// Where durable state lives (outbox, signing key). Defaults to `$STATE_DIRECTORY` (set by
+    /// systemd's `StateDirectory=`) or `./hl7-edge-data`.
+    pub state_dir: PathBuf,
+    /// A folder of feed definitions (`*.toml`). Unset: the feeds embedded in the binary
+    /// (one MLLP feed on 127.0.0.1:2575).
+    pub adapters_dir: Option<PathBuf>,
+    /// A folder of YAML mappings. Unset: the mappings embedded in the binary.
+    pub mappings_dir: Option<PathBuf>,
+    pub signing: SigningConfig,
+    pub outbox: OutboxConfig,
+    pub mqtt: MqttConfig,
+    pub log: LogConfig,
+}
+
+/// Site identity: used in identifier systems, deterministic ids, topics and provenance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SiteConfig {
+    /// The trust's ODS organisation code (e.g. `RRV` for UCLH). Keys local identifier namespaces
+    /// and deterministic resource ids.
+    pub ods_code: String,
+    /// This appliance's id: `meta.source`, the Provenance device, the MQTT client id and topic.
+    pub appliance_id: String,
+    /// Base of the project's own identifier namespaces; local MRNs become
+    /// `<identifier_base>/<ODS>/mrn`, visit numbers `<identifier_base>/<ODS>/visit-number`.
+    pub identifier_base: String,
+    /// `MessageHeader.destination.endpoint`: the exchange's message endpoint.
+    pub exchange_endpoint: String,
+    /// IANA time zone for HL7 timestamps that carry no offset.
+    pub timezone: String,
+}
+
+impl Default for SiteConfig {
+    fn default() -> Self {
+        SiteConfig {
+            ods_code: "XXX".into(),
+            appliance_id: "hl7-edge".into(),
+            identifier_base: "https://id.hl7-edge.invalid".into(),
+            exchange_endpoint: "https://exchange.invalid/fhir/$process-message".into(),
+            timezone: "Europe/London".into(),
+        }
+    }
+}
+
+impl SiteConfig {
+    /// The appliance's own URI (`MessageHeader.source.endpoint`, Provenance device identifier).
+    pub fn appliance_uri(&self) -> String {
+        format!("urn:hl7-edge:{}:{}", self.ods_code, self.appliance_id)
+    }
+
+    /// A local identifier system for `kind` (`mrn`, `visit-number`, `message-id`, ...).
+    pub fn local_system(&self, kind: &str) -> String {
+        format!(
+            "{}/{}/{}",
+            self.identifier_base.trim_end_matches('/'),
+            self.ods_code,
+            kind
+        )
+    }
+}
+
+/// The Ed25519 key that signs every Bundle.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningConfig {
+    /// PEM PKCS#8 key. Unset: `<state_dir>/signing-key.pem`, generated on first start.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Limits of the durable outbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Refuse (negative ACK) new messages once stored, undelivered data reaches this size.
+    pub max_bytes: u64,
+    /// How long the audit trail of delivered messages is kept, in days.
+    pub audit_retention_days: u32,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            max_bytes: 1 << 30,
+            audit_retention_days: 30,
+        }
+    }
+}
+
+/// Log output. Logs never carry patient data at info level or above.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log shippers.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `hl7_edge=debug`, ...). `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            site: SiteConfig::default(),
+            state_dir: default_state_dir(),
+            adapters_dir: None,
+            mappings_dir: None,
+            signing: SigningConfig::default(),
+            outbox: OutboxConfig::default(),
+            mqtt: MqttConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    // systemd's StateDirectory= exports the absolute path(s), colon-separated.
+    match std::env::var_os("STATE_DIRECTORY") {
+        Some(v) if !v.is_empty() => {
+            let s = v.to_string_lossy().into_owned();
+            PathBuf::from(s.split(':').next().unwrap_or(&s))
+        }
+        _ => PathBuf::from("hl7-edge-data"),
+    }
+}
+
+/// A configuration that could not be loaded; the text names the key and its source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Defaults, then `file` if given, then the `HL7EDGE_*` environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, Env::prefixed("HL7EDGE_").split("__"))
+    }
+
+    fn load_with_env(file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.to_path_buf()));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig.merge(env);
+        let config: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Invalid(e.into_iter().map(|e| e.to_string()).collect()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that serde cannot express (each error names its key).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if self.site.ods_code.trim().is_empty()
+            || !self.site.ods_code.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            errors.push(format!(
+                "site.ods_code {:?} is not an ODS code (letters and digits only)",
+                self.site.ods_code
+            ));
+        }
+        if self.site.appliance_id.trim().is_empty() {
+            errors.push("site.appliance_id must not be empty".to_string());
+        }
+        if jiff::tz::TimeZone::get(&self.site.timezone).is_err() {
+            errors.push(format!(
+                "site.timezone {:?} is not an IANA time zone (e.g. Europe/London)",
+                self.site.timezone
+            ));
+        }
+        if self.outbox.max_bytes < 1 << 20 {
+            errors.push(format!(
+                "outbox.max_bytes {} is below the 1 MiB minimum",
+                self.outbox.max_bytes
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// The signing key path (configured, or inside the state directory).
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.signing
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("signing-key.pem"))
+    }
+
+    /// The outbox database path.
+    pub fn outbox_path(&self) -> PathBuf {
+        self.state_dir.join("outbox.redb")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn no_env() -> Env {
+        Env::prefixed("HL7EDGE_TEST_NEVER_SET_").split("__")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_with_env(None, no_env()).expect("defaults load");
+        assert_eq!(c.mqtt.url, "mqtt://127.0.0.1:1883");
+        assert_eq!(c.site.timezone, "Europe/London");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_key_and_file() {
+        let mut f = tempfile::NamedTempFile::new().expect("tmp");
+        writeln!(f, "[site]\nods_cod = \"RRV\"").expect("write");
+        let err = Config::load_with_env(Some(f.path()), no_env()).expect_err("must fail");
+        let text = err.to_string();
+        assert!(text.contains("ods_cod"), "{text}");
+        assert!(text.contains(&f.path().display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_bad_ods_is_reported() {
+        let mut f = tempfile::NamedTempFile::new().expect("tmp");
+        writeln!(f, "[site]\nods_code = \"R-V\"").expect("write");
+        let err = Config::load_with_env(Some(f.path()), no_env()).expect_err("must fail");
+        assert!(err.to_string().contains("site.ods_code"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        // figment's Jail isolates the environment for this test.
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[site]\nods_code = \"RRV\"\n")?;
+            jail.set_env("HL7EDGE_SITE__ODS_CODE", "RAL");
+            jail.set_env("HL7EDGE_MQTT__URL", "mqtt://10.0.0.1:1884");
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.site.ods_code, "RAL");
+            assert_eq!(c.mqtt.url, "mqtt://10.0.0.1:1884");
+            Ok(())
+        });
+    }
+}

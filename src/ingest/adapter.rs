@@ -1,0 +1,169 @@
+//! Feed definitions: one declarative TOML file per legacy feed in `adapters/`.
+//!
+//! A feed says how bytes arrive (transport and its settings), how to read them (charset fallback)
+//! and which mappings may apply. The daemon starts one source per feed; the feed's name travels
+//! with every message into the outbox, the MQTT topic and the logs.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use serde::{Deserialize, Serialize};
+
+use super::mllp::MllpConfig;
+
+/// The feeds compiled into the binary, used when `adapters_dir` is not configured.
+pub const EMBEDDED: &[(&str, &str)] = &[(
+    "adapters/default-mllp.toml",
+    include_str!("../../adapters/default-mllp.toml"),
+)];
+
+/// One feed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedConfig {
+    /// Stable short name: `[a-z0-9-]`, unique across feeds.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Encoding label (WHATWG names: `windows-1252`, `iso-8859-1`, `utf-8`) used when MSH-18 is
+    /// absent or wrong.
+    #[serde(default)]
+    pub charset_fallback: Option<String>,
+    /// Names of the mappings this feed may use; empty means all loaded mappings.
+    #[serde(default)]
+    pub mappings: Vec<String>,
+    pub transport: Transport,
+}
+
+/// How the bytes of a feed arrive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Transport {
+    /// HL7 MLLP over TCP.
+    Mllp(MllpConfig),
+}
+
+impl FeedConfig {
+    /// The fallback charset as an `encoding_rs` encoding (validated at load time).
+    pub fn fallback_encoding(&self) -> Option<&'static encoding_rs::Encoding> {
+        self.charset_fallback
+            .as_deref()
+            .and_then(|l| encoding_rs::Encoding::for_label(l.as_bytes()))
+    }
+}
+
+/// Why the feeds could not be loaded (every problem found, each with its file).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct AdapterError(pub Vec<String>);
+
+/// Loads every `*.toml` in `dir` (sorted by file name), or the embedded feeds when `dir` is None.
+pub fn load(dir: Option<&Path>) -> Result<Vec<FeedConfig>, AdapterError> {
+    let mut errors = Vec::new();
+    let mut feeds = Vec::new();
+    match dir {
+        None => {
+            for (name, text) in EMBEDDED {
+                match Figment::from(Toml::string(text)).extract::<FeedConfig>() {
+                    Ok(f) => feeds.push((PathBuf::from(name), f)),
+                    Err(e) => errors.push(format!("{name}: {e}")),
+                }
+            }
+        }
+        Some(dir) => {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) => {
+                    return Err(AdapterError(vec![format!(
+                        "cannot read adapters folder {}: {e}",
+                        dir.display()
+                    )]));
+                }
+            };
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            paths.sort();
+            for path in paths {
+                match Figment::from(Toml::file_exact(&path)).extract::<FeedConfig>() {
+                    Ok(f) => feeds.push((path, f)),
+                    Err(e) => errors.extend(e.into_iter().map(|e| e.to_string())),
+                }
+            }
+        }
+    }
+    let mut seen = std::collections::HashMap::new();
+    for (path, f) in &feeds {
+        if f.name.is_empty()
+            || !f
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            errors.push(format!(
+                "{}: feed name {:?} must be lower-case letters, digits and '-'",
+                path.display(),
+                f.name
+            ));
+        }
+        if let Some(other) = seen.insert(f.name.clone(), path.clone()) {
+            errors.push(format!(
+                "{}: feed name {:?} is already used by {}",
+                path.display(),
+                f.name,
+                other.display()
+            ));
+        }
+        if let Some(label) = &f.charset_fallback
+            && encoding_rs::Encoding::for_label(label.as_bytes()).is_none()
+        {
+            errors.push(format!(
+                "{}: charset_fallback {label:?} is not a known encoding (try windows-1252, iso-8859-1, utf-8)",
+                path.display()
+            ));
+        }
+    }
+    if feeds.is_empty() && errors.is_empty() {
+        errors.push("no feeds are defined: add a *.toml file to the adapters folder".into());
+    }
+    if errors.is_empty() {
+        Ok(feeds.into_iter().map(|(_, f)| f).collect())
+    } else {
+        Err(AdapterError(errors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_feed_loads() {
+        let feeds = load(None).expect("embedded feeds are valid");
+        assert_eq!(feeds.len(), 1);
+        assert_eq!(feeds[0].name, "mllp-default");
+        let Transport::Mllp(m) = &feeds[0].transport;
+        assert_eq!(m.bind.to_string(), "127.0.0.1:2575");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_all_problems() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            dir.path().join("a.toml"),
+            "name = \"Bad Name\"\ncharset_fallback = \"klingon\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:1\"\n",
+        )
+        .expect("write");
+        std::fs::write(
+            dir.path().join("b.toml"),
+            "name = \"b\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:2\"\nmax_frame = 3\n",
+        )
+        .expect("write");
+        let err = load(Some(dir.path())).expect_err("must fail").to_string();
+        assert!(err.contains("a.toml") && err.contains("Bad Name"), "{err}");
+        assert!(err.contains("klingon"), "{err}");
+        assert!(err.contains("b.toml") && err.contains("max_frame"), "{err}");
+    }
+}

@@ -1,0 +1,298 @@
+//! Paths on both sides of a rule: HL7 source paths (`PID-3[5=NH].1`) and FHIR target paths
+//! (`identifier[+].system`). Both are parsed once, when mappings load, into small structs, so a
+//! message never pays for string parsing and a typo is an error at load time, with its position.
+
+use std::fmt;
+
+/// Which repetitions of a field a path selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepSelect {
+    /// The first repetition (no brackets).
+    First,
+    /// `[*]`: all repetitions.
+    All,
+    /// `[n]`: the n-th repetition, 1-based.
+    Index(usize),
+    /// `[c=A,B]`: the repetitions whose component `c` is one of the values.
+    Filter { component: usize, values: Vec<String> },
+}
+
+/// An HL7 source path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hl7Path {
+    /// `SEG`, `SEG-f`, `SEG-f[r]`, `SEG-f.c`, `SEG-f.c.s`.
+    Absolute {
+        segment: String,
+        field: Option<usize>,
+        rep: RepSelect,
+        component: Option<usize>,
+        sub: Option<usize>,
+    },
+    /// `.c` or `.c.s`: relative to the repetition being iterated (in a datatype map or `for`).
+    Relative { component: usize, sub: Option<usize> },
+}
+
+impl Hl7Path {
+    /// Parses a path; the error says what was expected.
+    pub fn parse(s: &str) -> Result<Hl7Path, String> {
+        let s = s.trim();
+        if let Some(rest) = s.strip_prefix('.') {
+            let (component, sub) = parse_comp_sub(rest)?;
+            return Ok(Hl7Path::Relative { component, sub });
+        }
+        let (segment, rest) = match s.find('-') {
+            Some(i) => (&s[..i], Some(&s[i + 1..])),
+            None => (s, None),
+        };
+        if segment.len() != 3
+            || !segment.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_uppercase() || (i > 0 && c.is_ascii_digit())
+            })
+        {
+            return Err(format!(
+                "`{s}`: expected a segment name of 3 capitals/digits such as `PID`, then `-field`"
+            ));
+        }
+        let Some(rest) = rest else {
+            return Ok(Hl7Path::Absolute {
+                segment: segment.to_string(),
+                field: None,
+                rep: RepSelect::First,
+                component: None,
+                sub: None,
+            });
+        };
+        let digits_end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let field: usize = rest[..digits_end]
+            .parse()
+            .map_err(|_| format!("`{s}`: expected a field number after `{segment}-`"))?;
+        if field == 0 || field > 999 {
+            return Err(format!("`{s}`: field numbers run from 1 to 999"));
+        }
+        let mut rest = &rest[digits_end..];
+        let mut rep = RepSelect::First;
+        if let Some(r) = rest.strip_prefix('[') {
+            let end = r
+                .find(']')
+                .ok_or_else(|| format!("`{s}`: `[` without a closing `]`"))?;
+            rep = parse_rep(&r[..end]).map_err(|e| format!("`{s}`: {e}"))?;
+            rest = &r[end + 1..];
+        }
+        let (component, sub) = if rest.is_empty() {
+            (None, None)
+        } else if let Some(cs) = rest.strip_prefix('.') {
+            let (c, sub) = parse_comp_sub(cs).map_err(|e| format!("`{s}`: {e}"))?;
+            (Some(c), sub)
+        } else {
+            return Err(format!("`{s}`: unexpected `{rest}` after the field"));
+        };
+        Ok(Hl7Path::Absolute {
+            segment: segment.to_string(),
+            field: Some(field),
+            rep,
+            component,
+            sub,
+        })
+    }
+
+    /// The segment an absolute path names.
+    pub fn segment(&self) -> Option<&str> {
+        match self {
+            Hl7Path::Absolute { segment, .. } => Some(segment),
+            Hl7Path::Relative { .. } => None,
+        }
+    }
+}
+
+fn parse_rep(inner: &str) -> Result<RepSelect, String> {
+    let inner = inner.trim();
+    if inner == "*" {
+        return Ok(RepSelect::All);
+    }
+    if let Some((c, vals)) = inner.split_once('=') {
+        let component: usize = c
+            .trim()
+            .parse()
+            .map_err(|_| format!("`[{inner}]`: expected `[component=value]`, e.g. `[5=NH]`"))?;
+        if component == 0 {
+            return Err("components are numbered from 1".into());
+        }
+        let values: Vec<String> = vals.split(',').map(|v| v.trim().to_string()).collect();
+        return Ok(RepSelect::Filter { component, values });
+    }
+    match inner.parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!(
+            "`[{inner}]`: expected `[*]`, a repetition number from 1, or `[component=value]`"
+        )),
+        Ok(n) => Ok(RepSelect::Index(n)),
+    }
+}
+
+fn parse_comp_sub(s: &str) -> Result<(usize, Option<usize>), String> {
+    let mut parts = s.split('.');
+    let c = parts.next().unwrap_or("");
+    let component: usize = c
+        .parse()
+        .map_err(|_| format!("expected a component number, found `{c}`"))?;
+    let sub = match parts.next() {
+        None => None,
+        Some(x) => Some(
+            x.parse::<usize>()
+                .map_err(|_| format!("expected a subcomponent number, found `{x}`"))?,
+        ),
+    };
+    if parts.next().is_some() {
+        return Err("a path goes no deeper than field.component.subcomponent".into());
+    }
+    if component == 0 || sub == Some(0) {
+        return Err("components and subcomponents are numbered from 1".into());
+    }
+    Ok((component, sub))
+}
+
+/// Where in an array a target step writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Index {
+    /// Not an array step.
+    None,
+    /// `[n]`, 0-based as in FHIRPath.
+    At(usize),
+    /// `[+]`: a new element at the end.
+    Append,
+    /// `[=]`: the last element (created if the array is empty).
+    Last,
+}
+
+/// One step of a FHIR target path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub name: String,
+    pub index: Index,
+}
+
+/// A FHIR element path relative to the element being built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetPath(pub Vec<Step>);
+
+impl TargetPath {
+    pub fn parse(s: &str) -> Result<TargetPath, String> {
+        let mut steps = Vec::new();
+        for raw in s.trim().split('.') {
+            let (name, index) = match raw.find('[') {
+                None => (raw, Index::None),
+                Some(i) => {
+                    let inner = raw[i + 1..]
+                        .strip_suffix(']')
+                        .ok_or_else(|| format!("`{s}`: `{raw}` has `[` without a final `]`"))?;
+                    let index = match inner {
+                        "+" => Index::Append,
+                        "=" => Index::Last,
+                        n => Index::At(n.parse().map_err(|_| {
+                            format!("`{s}`: `[{inner}]` must be a number from 0, `[+]` (new) or `[=]` (last)")
+                        })?),
+                    };
+                    (&raw[..i], index)
+                }
+            };
+            let valid = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!(
+                    "`{s}`: `{name}` is not an element name (letters and digits, e.g. `name[0].family`)"
+                ));
+            }
+            steps.push(Step {
+                name: name.to_string(),
+                index,
+            });
+        }
+        Ok(TargetPath(steps))
+    }
+}
+
+impl fmt::Display for TargetPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(".")?;
+            }
+            f.write_str(&s.name)?;
+            match s.index {
+                Index::None => {}
+                Index::At(n) => write!(f, "[{n}]")?,
+                Index::Append => f.write_str("[+]")?,
+                Index::Last => f.write_str("[=]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hl7_paths() {
+        assert_eq!(
+            Hl7Path::parse("PID-3[5=NH,NHS].1").unwrap(),
+            Hl7Path::Absolute {
+                segment: "PID".into(),
+                field: Some(3),
+                rep: RepSelect::Filter {
+                    component: 5,
+                    values: vec!["NH".into(), "NHS".into()]
+                },
+                component: Some(1),
+                sub: None
+            }
+        );
+        assert_eq!(
+            Hl7Path::parse("MSH-9.2").unwrap(),
+            Hl7Path::Absolute {
+                segment: "MSH".into(),
+                field: Some(9),
+                rep: RepSelect::First,
+                component: Some(2),
+                sub: None
+            }
+        );
+        assert_eq!(
+            Hl7Path::parse(".1.2").unwrap(),
+            Hl7Path::Relative {
+                component: 1,
+                sub: Some(2)
+            }
+        );
+        assert!(matches!(
+            Hl7Path::parse("PV1-3[*]").unwrap(),
+            Hl7Path::Absolute {
+                rep: RepSelect::All,
+                ..
+            }
+        ));
+        for bad in [
+            "pid-3", "PID-", "PID-0", "PID-3[", "PID-3[0]", "PID-3.0", "PID-3.1.2.3", "PID3",
+            "PID-3x", ".",
+        ] {
+            assert!(Hl7Path::parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn target_paths() {
+        let p = TargetPath::parse("identifier[+].type.coding[0].code").unwrap();
+        assert_eq!(p.0.len(), 4);
+        assert_eq!(p.0[0].index, Index::Append);
+        assert_eq!(p.0[2].index, Index::At(0));
+        assert_eq!(p.to_string(), "identifier[+].type.coding[0].code");
+        for bad in ["", "a..b", "name[", "name[x]", "1abc", "na-me"] {
+            assert!(TargetPath::parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Wiring between stages: one stored message -> one signed Bundle (or a quarantine reason).
+//!
+//! [`Processor`] is the pure part (bytes in, Bundle out; also used offline by `hl7-edge map`).
+//! [`run_mapper`] is the daemon's worker loop: it takes record ids from ingest (and, at start, every
+//! record still `Received` from the store: crash recovery), runs the CPU-bound work on the blocking
+//! pool, and records the result through the store writer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+
+use crate::config::SiteConfig;
+use crate::fhir::envelope::{self, EnvelopeInput};
+use crate::fhir::validate;
+use crate::hl7;
+use crate::ingest::adapter::FeedConfig;
+use crate::map::{MapError, MappingSet, RunContext};
+use crate::ops::shutdown::Shutdown;
+use crate::outbox::{Outbox, RecordId, RecordState, WriterHandle};
+use crate::sign::{self, SigningKey};
+
+/// Why a stored message became a quarantine record instead of a Bundle. Texts carry no patient
+/// data: segment and field names, control ids, rule locations.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("character set: {0}")]
+    Charset(#[from] hl7::CharsetError),
+    #[error("parse: {0}")]
+    Parse(#[from] hl7::ParseError),
+    #[error("map: {0}")]
+    Map(#[from] MapError),
+    #[error("validation: {0}")]
+    Invalid(#[from] validate::Invalid),
+    #[error("signing: {0}")]
+    Sign(#[from] sign::SignError),
+    #[error("serialise: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// A Bundle and what the mapping had to say about it.
+#[derive(Debug)]
+pub struct Produced {
+    pub bundle: Value,
+    pub warnings: Vec<String>,
+}
+
+/// Bytes -> validated, unsigned Bundle.
+pub struct Processor {
+    pub mappings: Arc<MappingSet>,
+    pub site: SiteConfig,
+    pub tz: jiff::tz::TimeZone,
+}
+
+impl Processor {
+    pub fn new(mappings: Arc<MappingSet>, site: SiteConfig) -> Result<Processor, String> {
+        let tz = jiff::tz::TimeZone::get(&site.timezone)
+            .map_err(|e| format!("site.timezone {:?}: {e}", site.timezone))?;
+        Ok(Processor {
+            mappings,
+            site,
+            tz,
+        })
+    }
+
+    /// Decodes, parses, maps, assembles and validates one message.
+    pub fn bundle(
+        &self,
+        raw: &[u8],
+        feed: &FeedConfig,
+        received_at: jiff::Timestamp,
+    ) -> Result<Produced, ProcessError> {
+        let (text, encoding) = hl7::decode_to_utf8(raw, feed.fallback_encoding())?;
+        let msg = hl7::parse(&text)?;
+        let cx = RunContext {
+            site: &self.site,
+            tz: &self.tz,
+            feed: &feed.name,
+            encoding,
+        };
+        let mapped = self.mappings.map(&msg, &cx, &feed.mappings)?;
+        let warnings = mapped.warnings.clone();
+        let digest = ring::digest::digest(&ring::digest::SHA256, raw);
+        let mut raw_sha256 = [0u8; 32];
+        raw_sha256.copy_from_slice(digest.as_ref());
+        let input = EnvelopeInput {
+            site: &self.site,
+            tz: &self.tz,
+            header: msg.header(),
+            received_at,
+            raw_sha256,
+        };
+        let bundle = envelope::assemble(&input, mapped);
+        validate::validate(&bundle)?;
+        Ok(Produced { bundle, warnings })
+    }
+
+    /// [`Self::bundle`], then signs it; returns the bytes to store and forward.
+    pub fn signed_bytes(
+        &self,
+        raw: &[u8],
+        feed: &FeedConfig,
+        received_at: jiff::Timestamp,
+        key: &SigningKey,
+    ) -> Result<(Vec<u8>, Vec<String>), ProcessError> {
+        let Produced {
+            mut bundle,
+            warnings,
+        } = self.bundle(raw, feed, received_at)?;
+        let when = envelope::instant(jiff::Timestamp::now(), &self.tz);
+        let who = serde_json::json!({
+            "type": "Device",
+            "identifier": { "system": "urn:ietf:rfc:3986", "value": self.site.appliance_uri() }
+        });
+        sign::sign_bundle(&mut bundle, key, &when, who)?;
+        Ok((serde_json::to_vec(&bundle)?, warnings))
+    }
+}
+
+/// The daemon's mapping workers: until shutdown, turn `Received` records into `Ready` or
+/// `Quarantined` ones.
+pub async fn run_mapper(
+    processor: Arc<Processor>,
+    key: Arc<SigningKey>,
+    feeds: HashMap<String, Arc<FeedConfig>>,
+    outbox: Outbox,
+    writer: WriterHandle,
+    mut ids: UnboundedReceiver<RecordId>,
+    mut shutdown: Shutdown,
+) {
+    let parallel = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let mut running: JoinSet<()> = JoinSet::new();
+    let ctx = Arc::new(Worker {
+        processor,
+        key,
+        feeds,
+        outbox: outbox.clone(),
+        writer,
+    });
+
+    // Crash recovery: everything stored but not yet mapped, in id order.
+    match outbox.pending_for_mapping() {
+        Ok(pending) => {
+            if !pending.is_empty() {
+                info!(count = pending.len(), "resuming messages stored before the last stop");
+            }
+            for id in pending {
+                while running.len() >= parallel {
+                    running.join_next().await;
+                }
+                let c = ctx.clone();
+                running.spawn(async move { c.process(id).await });
+            }
+        }
+        Err(e) => error!(error = %e, "cannot list stored messages to resume"),
+    }
+
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            id = ids.recv() => {
+                let Some(id) = id else { break };
+                while running.len() >= parallel {
+                    running.join_next().await;
+                }
+                let c = ctx.clone();
+                running.spawn(async move { c.process(id).await });
+            }
+        }
+    }
+    // Let in-flight work finish; anything not finished is still `Received` and resumes on start.
+    while running.join_next().await.is_some() {}
+}
+
+struct Worker {
+    processor: Arc<Processor>,
+    key: Arc<SigningKey>,
+    feeds: HashMap<String, Arc<FeedConfig>>,
+    outbox: Outbox,
+    writer: WriterHandle,
+}
+
+impl Worker {
+    async fn process(self: Arc<Self>, id: RecordId) {
+        let record = match self.outbox.get(id) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                error!(record = id.0, error = %e, "cannot read stored message");
+                return;
+            }
+        };
+        if !matches!(record.state(), RecordState::Received) {
+            return;
+        }
+        let Some(raw) = record.raw.clone() else {
+            error!(record = id.0, "stored message has no body");
+            return;
+        };
+        let Some(feed) = self.feeds.get(&record.meta.feed).cloned() else {
+            let reason = format!("feed {:?} is no longer configured", record.meta.feed);
+            let _ = self.writer.quarantine(id, reason).await;
+            return;
+        };
+        let received_at = jiff::Timestamp::from_millisecond(record.meta.received_at_ms as i64)
+            .unwrap_or_else(|_| jiff::Timestamp::now());
+        let me = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            me.processor
+                .signed_bytes(&raw, &feed, received_at, &me.key)
+        })
+        .await;
+        let control_id = &record.meta.control_id;
+        match result {
+            Ok(Ok((bytes, warnings))) => {
+                for w in &warnings {
+                    debug!(record = id.0, control_id, warning = %w, "mapping note");
+                }
+                if let Err(e) = self.writer.set_ready(id, bytes).await {
+                    error!(record = id.0, control_id, error = %e, "cannot store the Bundle; it will be retried at the next start");
+                }
+            }
+            Ok(Err(e)) => {
+                warn!(record = id.0, control_id, feed = %record.meta.feed, reason = %e, "quarantined");
+                if let Err(e) = self.writer.quarantine(id, e.to_string()).await {
+                    error!(record = id.0, error = %e, "cannot record the quarantine");
+                }
+            }
+            Err(join) => {
+                // A panic in mapping is a defect; the record stays `Received` for the next start,
+                // and the quarantine keeps it from looping now.
+                error!(record = id.0, control_id, error = %join, "mapping task failed");
+                let _ = self
+                    .writer
+                    .quarantine(id, "internal error while mapping (see the appliance log)".into())
+                    .await;
+            }
+        }
+    }
+}

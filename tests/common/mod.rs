@@ -1,0 +1,418 @@
+//! Test harness: real parts only. A real mosquitto on a free loopback port, the real `hl7-edge`
+//! binary with its own state directory, real TCP sockets, real MQTT subscribers.
+//!
+//! Every helper waits with a deadline and fails loudly; nothing sleeps blindly.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hl7-edge");
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn wait_port(port: u16, timeout: Duration) {
+    wait_for(&format!("port {port}"), timeout, || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+}
+
+fn find_mosquitto() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("mosquitto is not installed: run scripts/test.sh (it installs the test dependencies)");
+}
+
+/// A mosquitto broker for one test, killed on drop.
+pub struct Broker {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let mut b = Broker {
+            port,
+            child: None,
+            dir,
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        let child = Command::new(find_mosquitto())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        wait_port(self.port, Duration::from_secs(10));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `mosquitto_sub -v` on a topic filter; collects (topic, payload) lines.
+pub struct Subscriber {
+    child: Child,
+    rx: mpsc::Receiver<(String, String)>,
+}
+
+impl Subscriber {
+    /// Subscribes and returns only once the subscription is proven live: a probe message on a
+    /// private topic is published until the subscriber sees it.
+    pub fn start(port: u16, filter: &str) -> Subscriber {
+        let probe = format!("hl7-edge-test-probe/{}", free_port());
+        let mut child = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-t", &probe, "-v", "-q", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto_sub (install mosquitto-clients)");
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        let (probe_tx, probe_rx) = mpsc::channel();
+        let probe_topic = probe.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Some((t, p)) = line.split_once(' ') {
+                    if t == probe_topic {
+                        let _ = probe_tx.send(());
+                    } else {
+                        let _ = tx.send((t.to_string(), p.to_string()));
+                    }
+                }
+            }
+        });
+        wait_for("the MQTT subscription", Duration::from_secs(15), || {
+            let _ = Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", &probe, "-m", "probe", "-q", "1"])
+                .status();
+            probe_rx.recv_timeout(Duration::from_millis(200)).ok()
+        });
+        Subscriber { child, rx }
+    }
+
+    /// Waits for `n` messages (or fails).
+    pub fn take(&self, n: usize, timeout: Duration) -> Vec<(String, String)> {
+        let end = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while got.len() < n {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(m) => got.push(m),
+                Err(_) => panic!("expected {n} MQTT messages within {timeout:?}, got {}", got.len()),
+            }
+        }
+        got
+    }
+
+    /// Messages that arrive within `d` (for "nothing more arrives" checks).
+    pub fn drain_for(&self, d: Duration) -> Vec<(String, String)> {
+        let end = Instant::now() + d;
+        let mut got = Vec::new();
+        while let Ok(m) = self.rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            got.push(m);
+        }
+        got
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real daemon with its own state directory, stopped (SIGTERM) on drop.
+pub struct Daemon {
+    pub mllp_port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub log: PathBuf,
+    extra_config: String,
+    broker_url: String,
+}
+
+impl Daemon {
+    pub fn start(broker_url: &str) -> Daemon {
+        Self::start_with(broker_url, "")
+    }
+
+    /// `extra_config` is appended to the generated config file (TOML).
+    pub fn start_with(broker_url: &str, extra_config: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = Daemon {
+            mllp_port: free_port(),
+            dir,
+            child: None,
+            log: PathBuf::new(),
+            extra_config: extra_config.to_string(),
+            broker_url: broker_url.to_string(),
+        };
+        d.write_config();
+        d.spawn();
+        d
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("hl7-edge.toml")
+    }
+
+    fn write_config(&self) {
+        let adapters = self.dir.path().join("adapters");
+        std::fs::create_dir_all(&adapters).expect("adapters dir");
+        std::fs::write(
+            adapters.join("pas.toml"),
+            format!(
+                "name = \"pas\"\ncharset_fallback = \"windows-1252\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:{}\"\nmax_frame_bytes = 65536\n",
+                self.mllp_port
+            ),
+        )
+        .expect("write adapter");
+        let config = format!(
+            "state_dir = {:?}\nadapters_dir = {:?}\n\n[site]\nods_code = \"RRV\"\nappliance_id = \"test-edge\"\n\n[mqtt]\nurl = {:?}\nclient_id = \"hl7-edge-test-{}\"\n{}\n",
+            self.state_dir().display().to_string(),
+            adapters.display().to_string(),
+            self.broker_url,
+            self.mllp_port,
+            self.extra_config
+        );
+        std::fs::write(self.config_path(), config).expect("write config");
+    }
+
+    fn spawn(&mut self) {
+        let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
+        self.log = self.dir.path().join(format!("daemon-{n}.log"));
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .env_remove("HL7EDGE_MQTT__URL")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start hl7-edge");
+        self.child = Some(child);
+        let port = self.mllp_port;
+        let log = self.log.clone();
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!(
+                    "hl7-edge exited ({status}) before listening:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > end {
+                panic!("hl7-edge did not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.mllp_port))
+    }
+
+    /// SIGTERM and wait; returns the exit status success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        unsafe_sigterm(c.id());
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.success();
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGKILL: a crash, as far as the daemon can tell.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn unsafe_sigterm(pid: u32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A minimal, strict MLLP client: one connection, one message at a time.
+pub struct MllpClient {
+    stream: TcpStream,
+}
+
+impl MllpClient {
+    pub fn connect(addr: SocketAddr) -> MllpClient {
+        let stream = TcpStream::connect(addr).expect("connect to MLLP port");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        MllpClient { stream }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Sends one framed message and returns the ACK text (framing removed).
+    pub fn send(&mut self, msg: &[u8]) -> String {
+        let mut framed = vec![0x0b];
+        framed.extend_from_slice(msg);
+        framed.extend_from_slice(&[0x1c, 0x0d]);
+        self.send_raw(&framed);
+        self.read_ack()
+    }
+
+    pub fn read_ack(&mut self) -> String {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match self.stream.read(&mut byte) {
+                Ok(0) => panic!("connection closed before a complete ACK: {:?}", String::from_utf8_lossy(&buf)),
+                Ok(_) => {
+                    buf.push(byte[0]);
+                    if buf.ends_with(&[0x1c, 0x0d]) {
+                        break;
+                    }
+                }
+                Err(e) => panic!("no ACK: {e} (got {:?})", String::from_utf8_lossy(&buf)),
+            }
+        }
+        let start = buf.iter().position(|b| *b == 0x0b).expect("ACK without start block");
+        String::from_utf8_lossy(&buf[start + 1..buf.len() - 2]).into_owned()
+    }
+}
+
+/// Field `n` (HL7 numbering) of the first segment named `seg` in an ACK.
+pub fn field(ack: &str, seg: &str, n: usize) -> String {
+    for s in ack.split('\r') {
+        let parts: Vec<&str> = s.split('|').collect();
+        if parts.first() == Some(&seg) {
+            let idx = if seg == "MSH" { n - 1 } else { n };
+            return parts.get(idx).unwrap_or(&"").to_string();
+        }
+    }
+    String::new()
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("fixture {}: {e}", p.display()))
+}
+
+/// The shared corpus, beside the clone (CI has it there).
+pub fn corpus_dir() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus");
+    p.is_dir().then_some(p)
+}
+
+/// The python venv that scripts/test.sh prepares (python-hl7's `mllp_send`).
+pub fn venv_bin(name: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin").join(name);
+    p.exists().then_some(p)
+}
