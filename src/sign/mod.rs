@@ -1,1 +1,3 @@
 //! Bundle signing (in progress).
+
+pub mod jcs;
