@@ -84,15 +84,21 @@ impl JcsError {
 }
 
 #[derive(Clone, Copy)]
-struct Mode {
+struct Mode<'a> {
     strict: bool,
+    /// A member of the top-level object to leave out (e.g. `Bundle.signature`).
+    skip_top: Option<&'a str>,
 }
 
 /// RFC 8785 canonical form of `value`. Numbers are rounded to IEEE 754 doubles as the RFC
 /// prescribes; only out-of-range numbers are refused.
 pub fn canonicalize(value: &Value) -> Result<Vec<u8>, JcsError> {
     let mut out = Vec::new();
-    write_value(value, &mut out, Mode { strict: false }, 0)?;
+    let mode = Mode {
+        strict: false,
+        skip_top: None,
+    };
+    write_value(value, &mut out, mode, 0)?;
     Ok(out)
 }
 
@@ -101,7 +107,23 @@ pub fn canonicalize(value: &Value) -> Result<Vec<u8>, JcsError> {
 /// [`canonicalize`]'s, so any RFC 8785 implementation verifies it.
 pub fn canonicalize_strict(value: &Value) -> Result<Vec<u8>, JcsError> {
     let mut out = Vec::new();
-    write_value(value, &mut out, Mode { strict: true }, 0)?;
+    let mode = Mode {
+        strict: true,
+        skip_top: None,
+    };
+    write_value(value, &mut out, mode, 0)?;
+    Ok(out)
+}
+
+/// [`canonicalize_strict`] of `value` as if its top-level member `member` were absent, without
+/// copying or modifying it (used for "the Bundle without its `signature`").
+pub fn canonicalize_strict_without(value: &Value, member: &str) -> Result<Vec<u8>, JcsError> {
+    let mut out = Vec::new();
+    let mode = Mode {
+        strict: true,
+        skip_top: Some(member),
+    };
+    write_value(value, &mut out, mode, 0)?;
     Ok(out)
 }
 
@@ -128,7 +150,11 @@ fn write_value(v: &Value, out: &mut Vec<u8>, mode: Mode, depth: usize) -> Result
             out.push(b']');
         }
         Value::Object(map) => {
-            let mut members: Vec<(&String, &Value)> = map.iter().collect();
+            let skip = if depth == 0 { mode.skip_top } else { None };
+            let mut members: Vec<(&String, &Value)> = map
+                .iter()
+                .filter(|(name, _)| Some(name.as_str()) != skip)
+                .collect();
             members.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
             out.push(b'{');
             for (i, (name, member)) in members.into_iter().enumerate() {
@@ -473,6 +499,16 @@ mod tests {
         ] {
             assert_eq!(Decimal::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn skipping_a_top_level_member() {
+        let with = json!({"b": 1, "signature": {"x": 1}, "a": {"signature": 2}});
+        let without = json!({"a": {"signature": 2}, "b": 1});
+        assert_eq!(
+            canonicalize_strict_without(&with, "signature").unwrap(),
+            canonicalize_strict(&without).unwrap()
+        );
     }
 
     #[test]

@@ -85,14 +85,28 @@ pub fn verify_detached(
     payload: &[u8],
     keys: &[VerifyingKey],
 ) -> Result<VerifiedBy, VerifyError> {
+    verify_detached_with(jws, keys, || Ok(payload.to_vec()))
+}
+
+/// [`verify_detached`] with the payload computed only once the header has been accepted, so a
+/// forged or unknown-key signature costs no canonicalisation and gets the more specific error.
+pub(crate) fn verify_detached_with(
+    jws: &str,
+    keys: &[VerifyingKey],
+    payload: impl FnOnce() -> Result<Vec<u8>, VerifyError>,
+) -> Result<VerifiedBy, VerifyError> {
     let mut parts = jws.split('.');
     let (Some(header_b64), Some(body), Some(sig_b64), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(VerifyError::BadFormat("JWS must have exactly three dot-separated parts"));
+        return Err(VerifyError::BadFormat(
+            "JWS must have exactly three dot-separated parts",
+        ));
     };
     if !body.is_empty() {
-        return Err(VerifyError::BadFormat("JWS is not detached (payload part is not empty)"));
+        return Err(VerifyError::BadFormat(
+            "JWS is not detached (payload part is not empty)",
+        ));
     }
     let header_bytes = URL_SAFE_NO_PAD
         .decode(header_b64)
@@ -129,7 +143,8 @@ pub fn verify_detached(
     if signature.len() != 64 {
         return Err(VerifyError::BadFormat("Ed25519 signature must be 64 bytes"));
     }
-    if key.verify(&signing_input(header_b64, payload), &signature) {
+    let payload = payload()?;
+    if key.verify(&signing_input(header_b64, &payload), &signature) {
         Ok(VerifiedBy {
             kid: key.kid().to_owned(),
         })
@@ -200,7 +215,10 @@ mod tests {
             &format!("{h}..{}", &s[..s.len() - 4]),
         ] {
             assert!(
-                matches!(verify_detached(bad, b"p", &keys), Err(VerifyError::BadFormat(_))),
+                matches!(
+                    verify_detached(bad, b"p", &keys),
+                    Err(VerifyError::BadFormat(_))
+                ),
                 "{bad:?}"
             );
         }
