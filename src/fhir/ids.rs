@@ -1,0 +1,90 @@
+//! Deterministic FHIR resource ids.
+//!
+//! Why UUIDv5: HL7 v2 senders re-send messages (after a lost ACK, a restart, a replay from their
+//! own queue). If every mapping run minted random ids, one admission would become several
+//! Patients/Encounters at the exchange. A name-based UUID (RFC 9562 version 5, SHA-1) of the
+//! resource's identifying fields gives the same id for the same facts on every run and on every
+//! appliance, with no state to keep, while still being a valid `urn:uuid:` for Bundle
+//! `fullUrl`s. SHA-1's collision weakness does not matter here: the inputs are not adversarial
+//! and the ids are not a security boundary (the Bundle signature is).
+//!
+//! The namespace is [`NAMESPACE`], itself `UUIDv5(NAMESPACE_URL, "urn:hl7-edge:fhir-resource-id:v1")`.
+//! Changing it (or the encoding below) changes every id ever emitted, so it is versioned in the
+//! name and pinned by a test.
+//!
+//! Parts are encoded as netstrings (`<byte length>:<bytes>,` each) before hashing, so part
+//! boundaries cannot be confused: `["ab", "c"]` and `["a", "bc"]` hash different inputs, and no
+//! choice of separator character has to be kept out of the data.
+
+use uuid::Uuid;
+
+/// The name hashed (in the URL namespace) to obtain [`NAMESPACE`].
+pub const NAMESPACE_NAME: &str = "urn:hl7-edge:fhir-resource-id:v1";
+
+/// hl7-edge's UUIDv5 namespace for resource ids: `UUIDv5(NAMESPACE_URL, NAMESPACE_NAME)`.
+pub const NAMESPACE: Uuid = Uuid::from_u128(NAMESPACE_U128);
+const NAMESPACE_U128: u128 = 0x7cb5_eb26_25e0_57c6_96a6_adc3_a94e_b477;
+
+/// A deterministic id for a resource identified by `parts` (e.g.
+/// `["Patient", "https://fhir.nhs.uk/Id/nhs-number", "9449305552"]`). Include the resource type
+/// and the identifier system among the parts so that unrelated resources cannot collide.
+pub fn resource_uuid(parts: &[&str]) -> Uuid {
+    let mut name = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
+    for part in parts {
+        name.extend_from_slice(part.len().to_string().as_bytes());
+        name.push(b':');
+        name.extend_from_slice(part.as_bytes());
+        name.push(b',');
+    }
+    Uuid::new_v5(&NAMESPACE, &name)
+}
+
+/// `urn:uuid:<lower-case hyphenated uuid>`, the form FHIR uses for `Bundle.entry.fullUrl` and
+/// references inside a transaction/message Bundle.
+pub fn urn(u: &Uuid) -> String {
+    format!("urn:uuid:{}", u.hyphenated())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_is_derived_as_documented() {
+        assert_eq!(
+            NAMESPACE,
+            Uuid::new_v5(&Uuid::NAMESPACE_URL, NAMESPACE_NAME.as_bytes())
+        );
+    }
+
+    #[test]
+    fn stable_known_output() {
+        let u = resource_uuid(&["Patient", "https://fhir.nhs.uk/Id/nhs-number", "9449305552"]);
+        // Computed independently (Python `uuid.uuid5`) when the scheme was fixed; must never change.
+        assert_eq!(u.to_string(), "c67309c5-9629-5778-9f9e-612df19c898c");
+        assert_eq!(u.get_version_num(), 5);
+    }
+
+    #[test]
+    fn different_parts_give_different_ids() {
+        let a = resource_uuid(&["Patient", "x", "1"]);
+        let b = resource_uuid(&["Patient", "x", "2"]);
+        assert_ne!(a, b);
+        assert_eq!(a, resource_uuid(&["Patient", "x", "1"]));
+    }
+
+    #[test]
+    fn part_boundaries_are_unambiguous() {
+        assert_ne!(resource_uuid(&["ab", "c"]), resource_uuid(&["a", "bc"]));
+        assert_ne!(resource_uuid(&["a", ""]), resource_uuid(&["a"]));
+        assert_ne!(resource_uuid(&[]), resource_uuid(&[""]));
+        // A part that looks like an encoded boundary cannot forge another split.
+        assert_ne!(resource_uuid(&["1:a,1:b"]), resource_uuid(&["a", "b"]));
+    }
+
+    #[test]
+    fn urn_form() {
+        let u = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        assert_eq!(urn(&u), "urn:uuid:01234567-89ab-cdef-0123-456789abcdef");
+    }
+}
