@@ -12,3 +12,5 @@
 //!
 //! `pipeline` wires the stages together for the daemon; `config` layers settings with figment;
 //! `ops` holds what an appliance needs around the pipeline (logging, shutdown).
+
+pub mod hl7;
