@@ -14,7 +14,7 @@
 //!   ERR-4 (severity) and ERR-8 (user message); ERR-1 is left empty.
 //! * MSA-3 (text message) carries the first error's message, truncated to 80 characters (the
 //!   ST length of early versions); it is omitted from v2.7 on, where MSA-3 is withdrawn.
-//! * An empty incoming version (sniffed garbage) is answered as v2.5.1.
+//! * An empty or non-numeric incoming version (sniffed garbage) is answered as v2.5.1.
 
 use super::error::ErrorCode;
 use super::escape::encode_escapes;
@@ -130,10 +130,9 @@ pub fn build_ack(
     let f = seps.field;
     let c = seps.component.to_string();
     let e = |s: &str| encode_escapes(s, &seps);
-    let version = if incoming.version.trim().is_empty() {
-        "2.5.1"
-    } else {
-        incoming.version.trim()
+    let version = match incoming.version.trim() {
+        v if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.') => v,
+        _ => "2.5.1",
     };
     let enhanced_err = version_at_least(version, 2, 5);
 

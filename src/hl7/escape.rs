@@ -159,7 +159,7 @@ fn is_hex(s: &str) -> bool {
 }
 
 fn hex_bytes(s: &str) -> Option<Vec<u8>> {
-    if !is_hex(s) || s.len() % 2 != 0 {
+    if !is_hex(s) || !s.len().is_multiple_of(2) {
         return None;
     }
     s.as_bytes()

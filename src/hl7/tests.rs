@@ -378,8 +378,17 @@ fn fuzzish_no_panics() {
         "OBX[2]-5",
         "NTE-3",
     ];
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    for round in 0..3000 {
+    // HL7_FUZZ_ROUNDS / HL7_FUZZ_SEED allow a longer or different run by hand.
+    let rounds = std::env::var("HL7_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3000usize);
+    let seed = std::env::var("HL7_FUZZ_SEED")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0x9E37_79B9_7F4A_7C15u64);
+    let mut rng = Rng(seed | 1);
+    for round in 0..rounds {
         let seed = &seeds[round % seeds.len()];
         let mut bytes = seed.clone();
         match round % 4 {
