@@ -157,11 +157,7 @@ pub fn build_ack(
         }
         _ => String::new(),
     };
-    let mut msa = vec![
-        "MSA".to_owned(),
-        e(code.as_str()),
-        e(&incoming.control_id),
-    ];
+    let mut msa = vec!["MSA".to_owned(), e(code.as_str()), e(&incoming.control_id)];
     if !msa_text.is_empty() {
         msa.push(msa_text);
     }

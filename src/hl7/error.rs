@@ -127,7 +127,7 @@ pub enum ParseError {
     #[error("MSH-2 (encoding characters) {reason}")]
     BadEncodingCharacters { reason: &'static str },
     #[error(
-        "segment {index} (line {line}) has no valid segment name: expected 3 characters A-Z/0-9 followed by the field separator or the end of the line"
+        "segment {index} (line {line}) has no valid segment name: expected 3 characters A-Z/0-9 followed by the field separator or the end of the line (a line break inside a field value?)"
     )]
     BadSegmentName { index: usize, line: usize },
     #[error(

@@ -82,11 +82,67 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
+/// Runs hl7-parser on normalised segment lines joined by `\r` and verifies that it returned
+/// exactly one segment per line, each spanning its whole line (`line_numbers[i]` is the input
+/// line of segment `i`, for errors). hl7-parser ends its segment list without error at the
+/// first segment it cannot read, so this check is what turns a silent truncation into
+/// [`ParseError::Truncated`].
+fn structural_parse<'j>(
+    joined: &'j str,
+    line_numbers: &[usize],
+) -> Result<hl7_parser::Message<'j>, ParseError> {
+    // Byte range of each line within `joined`.
+    let mut ranges = Vec::with_capacity(line_numbers.len());
+    let mut pos = 0;
+    for part in joined.split('\r') {
+        ranges.push(pos..pos + part.len());
+        pos += part.len() + 1;
+    }
+    let line_of = |i: usize| line_numbers.get(i).copied().unwrap_or(0);
+
+    let parsed = hl7_parser::parser::parse_message(joined).map_err(|e| {
+        // hl7-parser's error also quotes input text (possibly patient data): keep the offset.
+        let offset = match e {
+            hl7_parser::parser::ParseError::FailedToParse { position, .. } => position,
+            hl7_parser::parser::ParseError::IncompleteInput(_) => joined.len(),
+        };
+        let i = ranges
+            .iter()
+            .position(|r| offset <= r.end)
+            .unwrap_or(ranges.len().saturating_sub(1));
+        ParseError::Structure {
+            index: i + 1,
+            line: line_of(i),
+            offset: offset.saturating_sub(ranges.get(i).map_or(0, |r| r.start)),
+        }
+    })?;
+
+    let expected = ranges.len();
+    let first_bad = (0..expected.max(parsed.segments.len())).find(|&i| {
+        match (parsed.segments.get(i), ranges.get(i)) {
+            (Some(seg), Some(range)) => {
+                seg.range != *range || joined.get(range.start..range.start + 3) != Some(seg.name)
+            }
+            _ => true,
+        }
+    });
+    if let Some(i) = first_bad {
+        return Err(ParseError::Truncated {
+            parsed: parsed.segments.len().min(i),
+            expected,
+            index: i + 1,
+            line: line_of(i),
+        });
+    }
+    Ok(parsed)
+}
+
 /// Parses one message (already UTF-8; see `decode_to_utf8`). See the module docs.
 pub fn parse(text: &str) -> Result<Message, ParseError> {
+    // Trailing: only line ends and framing, so trailing spaces of the last field survive.
     let trimmed = text
         .trim_start_matches(is_framing)
-        .trim_end_matches(is_framing);
+        .trim_end_matches(['\r', '\n', '\u{0B}', '\u{1C}', '\0']);
     let lines = split_lines(trimmed);
     let Some(first) = lines.first() else {
         return Err(ParseError::Empty);
@@ -158,49 +214,10 @@ pub fn parse(text: &str) -> Result<Message, ParseError> {
         }
     }
 
-    // --- structural parse ---------------------------------------------------------------
+    // --- structural parse + verification -------------------------------------------------
     let joined = feed.join("\r");
-    // Byte range of each fed line within `joined`.
-    let mut ranges = Vec::with_capacity(feed.len());
-    let mut pos = 0;
-    for f in &feed {
-        ranges.push(pos..pos + f.len());
-        pos += f.len() + 1;
-    }
-    let line_at = |offset: usize| -> (usize, usize) {
-        let i = ranges
-            .iter()
-            .position(|r| offset <= r.end)
-            .unwrap_or(ranges.len().saturating_sub(1));
-        (i + 1, lines.get(i).map_or(0, |l| l.number))
-    };
-    let parsed = hl7_parser::parser::parse_message(&joined).map_err(|e| {
-        let offset = match e {
-            hl7_parser::parser::ParseError::FailedToParse { position, .. } => position,
-            hl7_parser::parser::ParseError::IncompleteInput(_) => joined.len(),
-        };
-        let (index, line) = line_at(offset);
-        ParseError::Structure {
-            index,
-            line,
-            offset: offset.saturating_sub(ranges.get(index - 1).map_or(0, |r| r.start)),
-        }
-    })?;
-
-    // --- verify that every line became exactly one whole segment -------------------------
-    let expected = feed.len();
-    let mismatch = (0..expected).find(|&i| match parsed.segments.get(i) {
-        Some(seg) => Some(&seg.range) != ranges.get(i) || feed[i].get(..3) != Some(seg.name),
-        None => true,
-    });
-    if let Some(i) = mismatch.or((parsed.segments.len() != expected).then_some(expected)) {
-        return Err(ParseError::Truncated {
-            parsed: parsed.segments.len().min(i),
-            expected,
-            index: i + 1,
-            line: lines.get(i).map_or(0, |l| l.number),
-        });
-    }
+    let line_numbers: Vec<usize> = lines.iter().map(|l| l.number).collect();
+    let parsed = structural_parse(&joined, &line_numbers)?;
 
     // --- owned model --------------------------------------------------------------------
     let segments: Vec<Segment> = parsed
@@ -260,6 +277,43 @@ mod tests {
         let l = split_lines("a\rb\nc\r\nd\r\r\n \n\re");
         let got: Vec<(&str, usize)> = l.iter().map(|l| (l.text, l.number)).collect();
         assert_eq!(got, [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 8)]);
+    }
+
+    /// The verification catches hl7-parser's silent stops even when fed un-normalised text
+    /// (i.e. if the normalisation above ever missed a case).
+    #[test]
+    fn verification_catches_hl7_parser_silent_stops() {
+        let cases = [
+            // blank segment: hl7-parser returns 1 segment, silently.
+            (format!("{MSH}\r\rPID|1"), 2),
+            // field-less segment: hl7-parser stops before it.
+            (format!("{MSH}\rNTE\rPID|1"), 2),
+            // lower-case name followed by garbage.
+            (format!("{MSH}\rPID|1\r?x|2"), 3),
+        ];
+        for (joined, bad_index) in cases {
+            let n = joined.split('\r').count();
+            let numbers: Vec<usize> = (1..=n).collect();
+            match structural_parse(&joined, &numbers) {
+                Err(ParseError::Truncated { index, line, .. }) => {
+                    assert_eq!((index, line), (bad_index, bad_index), "{joined:?}");
+                }
+                other => panic!("{joined:?}: {other:?}"),
+            }
+        }
+        // hl7-parser 0.3 really does stop silently on these (so the check is load-bearing).
+        for text in [format!("{MSH}\r\rPID|1"), format!("{MSH}\r\nPID|1")] {
+            let raw = hl7_parser::parser::parse_message(&text).unwrap();
+            assert_eq!(raw.segments.len(), 1);
+        }
+        let ok = format!("{MSH}\rPID|1\rPV1|1");
+        assert_eq!(structural_parse(&ok, &[1, 2, 3]).unwrap().segments.len(), 3);
+    }
+
+    #[test]
+    fn trailing_spaces_of_last_field_survive() {
+        let m = parse(&format!("{MSH}\rNTE|1||a  \r\n")).unwrap();
+        assert_eq!(m.get_raw("NTE-3"), Some("a  "));
     }
 
     #[test]

@@ -464,4 +464,3 @@ fn fuzzish_no_panics() {
         }
     }
 }
-
