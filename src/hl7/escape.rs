@@ -164,10 +164,13 @@ fn hex_bytes(s: &str) -> Option<Vec<u8>> {
     }
     s.as_bytes()
         .chunks(2)
-        .map(|pair| {
-            let hi = (pair[0] as char).to_digit(16)?;
-            let lo = (pair[1] as char).to_digit(16)?;
-            u8::try_from(hi * 16 + lo).ok()
+        .map(|pair| match pair {
+            [hi, lo] => {
+                let hi = char::from(*hi).to_digit(16)?;
+                let lo = char::from(*lo).to_digit(16)?;
+                u8::try_from(hi * 16 + lo).ok()
+            }
+            _ => None,
         })
         .collect()
 }

@@ -6,6 +6,32 @@
 //!                       \--error--> sniff_header(lossy text) + build_ack(AR)
 //! ```
 //!
+//! Typical use (what `ingest`/`pipeline` do per frame):
+//!
+//! ```
+//! use hl7_edge::hl7::{self, AckCode};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let frame = b"MSH|^~\\&|LAB|HOSP|EDGE|GW|20240101120000||ADT^A01^ADT_A01|MSG1|P|2.5.1||||||8859/1\rPID|1||123^^^HOSP^MR||M\xFCller^Hans\r";
+//! let now = "20240101120001+0000";
+//! let (text, encoding) = hl7::decode_to_utf8(frame, Some(encoding_rs::WINDOWS_1252))?;
+//! let ack = match hl7::parse(&text) {
+//!     Ok(msg) => {
+//!         let msg = msg.with_encoding(encoding); // for \Xhh\ escapes
+//!         assert_eq!(msg.get("PID-5.1").as_deref(), Some("Müller"));
+//!         assert_eq!(msg.get("PID-3.4").as_deref(), Some("HOSP"));
+//!         hl7::build_ack(msg.header(), msg.separators(), AckCode::AA, &[], "ACK1", now)
+//!     }
+//!     Err(e) => {
+//!         let (header, seps) = hl7::sniff_header(&text);
+//!         hl7::build_ack(&header, &seps, AckCode::AR, &[e.to_ack_error()], "ACK1", now)
+//!     }
+//! };
+//! assert!(ack.starts_with("MSH|^~\\&|EDGE|GW|LAB|HOSP|"));
+//! assert!(ack.ends_with("\rMSA|AA|MSG1"));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Design: hl7-parser behind a module of ours
 //!
 //! The structural parse (message -> segments -> fields) is done by `hl7-parser` 0.3, but no
@@ -31,10 +57,22 @@
 //! 5. **UTF-8 only.** [`decode_to_utf8`] runs first (callers do this), reading MSH-18 from the
 //!    raw bytes and transcoding with `encoding_rs` (`charset.rs`).
 //!
-//! Further hl7-parser behaviours we guard against (found while wrapping it): segment names
-//! are accepted if they are any three Unicode alphanumerics (we require `[A-Z0-9]{3}`);
-//! `MSH|^~\&` with nothing after gets a phantom empty MSH-3 (we drop it); its parse errors
-//! quote a fragment of the input, i.e. possibly patient data (we keep only the offset).
+//! Further hl7-parser 0.3 behaviours found while wrapping it (each guarded against here):
+//!
+//! * Escape decoding after non-ASCII text is not only a panic risk (`日本\F\語`, `ééééé\E\`
+//!   panic in `separators.rs`) but also silently wrong when it does not panic
+//!   (`Müller\S\x` -> `Müller\x`, `é\.br\x` -> `é\.bx`, `ü\X41\` -> `ü\X4`).
+//! * Segment names are accepted if they are any three Unicode alphanumerics (`pid`, `ÄÖÜ`);
+//!   we require `[A-Z0-9]{3}`.
+//! * MSH-2 is always read as exactly 4 characters after MSH-1: with 3 (`MSH|^~\|A|B`) the
+//!   field separator becomes the subcomponent separator and `A|B` is one field. We require
+//!   4 or 5 distinct encoding characters.
+//! * A second MSH is parsed as an ordinary segment, so its field numbers are off by one
+//!   (field 1 = encoding characters). We refuse it (one message per frame).
+//! * A BOM or leading whitespace before `MSH` is a parse error; we trim them.
+//! * `MSH|^~\&` with nothing after gets a phantom empty MSH-3 (we drop it).
+//! * Its parse errors quote the next 7 characters of input, i.e. possibly patient data; we
+//!   keep only the offset.
 //!
 //! # Errors and privacy
 //!
