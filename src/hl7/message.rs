@@ -1,0 +1,306 @@
+//! The owned message model: segments of raw (still escaped) fields, plus path look-ups.
+//!
+//! Why owned and raw: the message outlives the frame buffer it came from (it travels through
+//! the mapping pipeline), and keeping the escaped text lets the mapper choose between the
+//! exact value (`get_raw`, e.g. to re-emit or hash) and the human value (`get`). hl7-parser's
+//! borrowed tree is only used while parsing (see `parse.rs`).
+//!
+//! Numbering follows HL7: fields, repetitions, components and subcomponents are 1-based, and
+//! for MSH field 1 is the field separator itself and field 2 the encoding characters.
+
+use encoding_rs::Encoding;
+
+use super::escape::decode_escapes;
+use super::header::Header;
+use super::separators::Separators;
+
+/// One segment: its name and raw fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub(crate) name: String,
+    /// `fields[0]` is HL7 field 1.
+    pub(crate) fields: Vec<String>,
+    pub(crate) seps: Separators,
+}
+
+impl Segment {
+    /// The 3-character segment name (`PID`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Raw (escaped) text of HL7 field `n` (1-based). `None` when the segment has fewer fields.
+    pub fn field_raw(&self, n: usize) -> Option<&str> {
+        n.checked_sub(1)
+            .and_then(|i| self.fields.get(i))
+            .map(String::as_str)
+    }
+
+    /// Number of fields present (for MSH, counting MSH-1 and MSH-2).
+    pub fn field_count(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Whether field `n` is one that must not be split (MSH-1 and MSH-2 contain delimiters).
+    fn is_delimiter_field(&self, n: usize) -> bool {
+        self.name == "MSH" && (n == 1 || n == 2)
+    }
+
+    /// Raw repetitions of field `n`; empty when the field is absent or empty.
+    pub fn repetitions(&self, n: usize) -> Vec<&str> {
+        match self.field_raw(n) {
+            None | Some("") => Vec::new(),
+            Some(raw) if self.is_delimiter_field(n) => vec![raw],
+            Some(raw) => raw.split(self.seps.repetition).collect(),
+        }
+    }
+
+    /// Component `comp` (1-based) of a raw repetition, and within it subcomponent `sub`
+    /// (1-based; `0` means the whole component, subcomponent separators included).
+    /// `None` when absent; `Some("")` when present but empty.
+    pub fn component<'a>(
+        &self,
+        seps: &Separators,
+        rep_raw: &'a str,
+        comp: usize,
+        sub: usize,
+    ) -> Option<&'a str> {
+        component_of(seps, rep_raw, comp, sub)
+    }
+}
+
+/// Free-function form of [`Segment::component`].
+pub fn component_of<'a>(
+    seps: &Separators,
+    rep_raw: &'a str,
+    comp: usize,
+    sub: usize,
+) -> Option<&'a str> {
+    let c = rep_raw.split(seps.component).nth(comp.checked_sub(1)?)?;
+    if sub == 0 {
+        return Some(c);
+    }
+    c.split(seps.subcomponent).nth(sub - 1)
+}
+
+/// A parsed, validated HL7 v2 message (owned).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub(crate) seps: Separators,
+    pub(crate) segments: Vec<Segment>,
+    pub(crate) header: Header,
+    pub(crate) encoding: &'static Encoding,
+}
+
+/// A parsed HL7 path: `SEG[occurrence]-field[repetition].component.subcomponent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path<'p> {
+    pub segment: &'p str,
+    /// 1-based occurrence of the segment (default 1).
+    pub occurrence: usize,
+    pub field: usize,
+    /// 1-based repetition (default 1).
+    pub repetition: usize,
+    /// 1-based component; `None` = the whole repetition.
+    pub component: Option<usize>,
+    /// 1-based subcomponent; `None` = the whole component.
+    pub subcomponent: Option<usize>,
+}
+
+impl<'p> Path<'p> {
+    /// Parses `PID-5`, `PID-5.1`, `PID-5[2].1.2`, `OBX[3]-5`, `MSH-9.2`. `.` is also accepted
+    /// instead of `-` after the segment name (`PID.5.1`). Returns `None` for malformed paths
+    /// or zero indexes.
+    pub fn parse(path: &'p str) -> Option<Self> {
+        let path = path.trim();
+        let seg = path.get(..3)?;
+        if !seg
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        {
+            return None;
+        }
+        let mut rest = path.get(3..)?;
+        let occurrence = take_index(&mut rest)?.unwrap_or(1);
+        rest = rest.strip_prefix(['-', '.'])?;
+        let mut parts = rest.split('.');
+        let field_part = parts.next()?;
+        let (field, repetition) = match field_part.split_once('[') {
+            Some((f, r)) => (f, Some(r.strip_suffix(']')?)),
+            None => (field_part, None),
+        };
+        let field = positive(field)?;
+        let repetition = repetition.map(positive).unwrap_or(Some(1))?;
+        let component = match parts.next() {
+            Some(c) => Some(positive(c)?),
+            None => None,
+        };
+        let subcomponent = match parts.next() {
+            Some(s) => Some(positive(s)?),
+            None => None,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Path {
+            segment: seg,
+            occurrence,
+            field,
+            repetition,
+            component,
+            subcomponent,
+        })
+    }
+}
+
+/// Parses an optional `[n]` at the start of `rest`. `Some(None)` when absent.
+fn take_index(rest: &mut &str) -> Option<Option<usize>> {
+    let Some(inner) = rest.strip_prefix('[') else {
+        return Some(None);
+    };
+    let (num, after) = inner.split_once(']')?;
+    *rest = after;
+    positive(num).map(Some)
+}
+
+fn positive(s: &str) -> Option<usize> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<usize>().ok().filter(|n| *n > 0)
+}
+
+impl Message {
+    /// The message's delimiters.
+    pub fn separators(&self) -> &Separators {
+        &self.seps
+    }
+
+    /// All segments in order (MSH first).
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// Segments with the given name, in order.
+    pub fn segments_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Segment> + 'a {
+        self.segments.iter().filter(move |s| s.name == name)
+    }
+
+    /// The validated MSH.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The charset used for `\Xhh\` escapes: by default the one MSH-18 declares (UTF-8 when
+    /// absent). Set it with [`Message::with_encoding`] to what `decode_to_utf8` reported
+    /// when it had to fall back.
+    pub fn encoding(&self) -> &'static Encoding {
+        self.encoding
+    }
+
+    /// Replaces the charset used for `\Xhh\` escapes.
+    pub fn with_encoding(mut self, encoding: &'static Encoding) -> Self {
+        self.encoding = encoding;
+        self
+    }
+
+    /// Raw (still escaped) value at an HL7 path (see [`Path::parse`]). `None` if the path is
+    /// malformed or the position is absent. MSH-1 and MSH-2 are returned whole.
+    pub fn get_raw(&self, path: &str) -> Option<&str> {
+        let p = Path::parse(path)?;
+        let seg = self
+            .segments
+            .iter()
+            .filter(|s| s.name == p.segment)
+            .nth(p.occurrence.checked_sub(1)?)?;
+        let field = seg.field_raw(p.field)?;
+        if seg.is_delimiter_field(p.field) {
+            let whole = p.repetition == 1
+                && p.component.unwrap_or(1) == 1
+                && p.subcomponent.unwrap_or(1) == 1;
+            return whole.then_some(field);
+        }
+        let rep = field.split(self.seps.repetition).nth(p.repetition - 1)?;
+        match (p.component, p.subcomponent) {
+            (None, _) => Some(rep),
+            (Some(c), None) => component_of(&self.seps, rep, c, 0),
+            (Some(c), Some(s)) => component_of(&self.seps, rep, c, s),
+        }
+    }
+
+    /// Decoded value at an HL7 path like `PID-5`, `PID-5.1`, `PID-5[2].1.2`, `MSH-9.2`
+    /// (first repetition and first segment occurrence by default; `OBX[2]-5` selects the
+    /// second OBX). Escapes are resolved. `None` if absent, empty, or the HL7 null `""`.
+    ///
+    /// A path without a component returns the whole repetition with its delimiters; since
+    /// escaped delimiters are resolved too, use component paths for composite types.
+    pub fn get(&self, path: &str) -> Option<String> {
+        let raw = self.get_raw(path)?;
+        if raw.is_empty() || raw == "\"\"" {
+            return None;
+        }
+        if path.trim().starts_with("MSH") && matches!(Path::parse(path), Some(p) if p.field <= 2) {
+            return Some(raw.to_owned());
+        }
+        let decoded = decode_escapes(raw, &self.seps, self.encoding);
+        (!decoded.is_empty()).then_some(decoded)
+    }
+
+    /// True when the value at `path` is the HL7 explicit null `""` ("delete this value").
+    pub fn is_null(&self, path: &str) -> bool {
+        self.get_raw(path) == Some("\"\"")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_grammar() {
+        let p = Path::parse("PID-5[2].1.2").unwrap();
+        assert_eq!(
+            (
+                p.segment,
+                p.occurrence,
+                p.field,
+                p.repetition,
+                p.component,
+                p.subcomponent
+            ),
+            ("PID", 1, 5, 2, Some(1), Some(2))
+        );
+        let p = Path::parse("OBX[3]-5").unwrap();
+        assert_eq!((p.segment, p.occurrence, p.field), ("OBX", 3, 5));
+        assert!(Path::parse("PID.5.1").is_some());
+        for bad in [
+            "",
+            "PI",
+            "PID",
+            "PID-",
+            "PID-0",
+            "PID-5.0",
+            "PID-5[0]",
+            "PID-5[x]",
+            "pid-5",
+            "PID-5.1.2.3",
+            "PID-5[2",
+            "PÏD-5",
+            "PID-5.",
+            "OBX[]-5",
+            "PID-99999999999999999999",
+        ] {
+            assert!(Path::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn component_helper() {
+        let seps = Separators::default();
+        assert_eq!(component_of(&seps, "A^B&C^", 2, 0), Some("B&C"));
+        assert_eq!(component_of(&seps, "A^B&C^", 2, 2), Some("C"));
+        assert_eq!(component_of(&seps, "A^B&C^", 3, 0), Some(""));
+        assert_eq!(component_of(&seps, "A^B&C^", 4, 0), None);
+        assert_eq!(component_of(&seps, "A^B&C^", 0, 0), None);
+    }
+}
