@@ -12,3 +12,6 @@
 //!
 //! `pipeline` wires the stages together for the daemon; `config` layers settings with figment;
 //! `ops` holds what an appliance needs around the pipeline (logging, shutdown).
+
+pub mod forward;
+pub mod outbox;
