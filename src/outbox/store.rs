@@ -1,0 +1,946 @@
+//! The durable record store: redb tables, record types, and the read API.
+//!
+//! Reads go straight to redb (MVCC snapshots, they never block the writer); every write is made
+//! by the single writer task in [`super::writer`], which calls [`Outbox::apply_batch`]. Keeping the
+//! mutation code here, next to the table layout, keeps the invariants in one file:
+//!
+//! * `records_meta` holds one JSON meta per live record (state, feed, hashes, sizes);
+//! * `records_raw` / `records_bundle` hold the payloads, removed on delivery;
+//! * `pending_by_feed` has `(feed, id)` for every record not yet delivered nor quarantined,
+//!   so a publisher reads its feed in id order with one range scan;
+//! * `pending_mapping` has every `Received` id, for crash recovery of the mapper;
+//! * `audit_delivered` keeps (id, hashes, times) of delivered records until pruned;
+//! * `counters` holds the next id, the byte total and per-state counts, updated in the same
+//!   transaction as the records, so they can never drift from the data.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::error::StoreError;
+
+const META: TableDefinition<u64, &[u8]> = TableDefinition::new("records_meta");
+const RAW: TableDefinition<u64, &[u8]> = TableDefinition::new("records_raw");
+const BUNDLE: TableDefinition<u64, &[u8]> = TableDefinition::new("records_bundle");
+const PENDING: TableDefinition<(&str, u64), ()> = TableDefinition::new("pending_by_feed");
+const TO_MAP: TableDefinition<u64, ()> = TableDefinition::new("pending_mapping");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_delivered");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+const SCHEMA_VERSION: u64 = 1;
+const C_SCHEMA: &str = "schema_version";
+const C_NEXT_ID: &str = "next_id";
+const C_BYTES: &str = "bytes";
+const C_RECEIVED: &str = "received";
+const C_READY: &str = "ready";
+const C_QUARANTINED: &str = "quarantined";
+const C_DELIVERED: &str = "delivered_total";
+
+/// Global, monotonically increasing record id, assigned at insert in commit order and never
+/// reused (the counter is persisted in the same transaction as the record).
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct RecordId(pub u64);
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Where a record is in its life. See the [module documentation](super) for the transitions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordState {
+    /// The raw message is durably stored; the sender may have been ACKed; not yet mapped.
+    Received,
+    /// The signed Bundle is stored and waits to be published.
+    Ready,
+    /// The broker acknowledged the Bundle; payloads are gone, an audit row remains.
+    Delivered,
+    /// Mapping or validation failed (or the Bundle cannot be published): kept, never forwarded.
+    Quarantined { reason: String },
+}
+
+impl RecordState {
+    pub fn kind(&self) -> StateKind {
+        match self {
+            RecordState::Received => StateKind::Received,
+            RecordState::Ready => StateKind::Ready,
+            RecordState::Delivered => StateKind::Delivered,
+            RecordState::Quarantined { .. } => StateKind::Quarantined,
+        }
+    }
+}
+
+/// [`RecordState`] without its data, for filters and error messages.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum StateKind {
+    Received,
+    Ready,
+    Delivered,
+    Quarantined,
+}
+
+impl std::fmt::Display for StateKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StateKind::Received => "received",
+            StateKind::Ready => "ready",
+            StateKind::Delivered => "delivered",
+            StateKind::Quarantined => "quarantined",
+        })
+    }
+}
+
+/// What ingest hands to the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewRecord {
+    /// The logical feed (one per source system); publishing is FIFO per feed.
+    pub feed: String,
+    /// MSH-10, for operators correlating with the sender's logs.
+    pub control_id: String,
+    /// MSH-9 as `TYPE_EVENT`, e.g. `ADT_A01`; the last level of the MQTT topic.
+    pub message_type: String,
+    /// The message as received (after MLLP framing removed), byte for byte.
+    pub raw: Vec<u8>,
+    /// Reception time, Unix milliseconds.
+    pub received_at_ms: u64,
+}
+
+/// Everything about a record except its payloads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordMeta {
+    #[serde(skip)]
+    pub id: RecordId,
+    pub feed: String,
+    pub control_id: String,
+    pub message_type: String,
+    pub received_at_ms: u64,
+    pub state: RecordState,
+    /// Lowercase hex SHA-256 of the raw message.
+    pub raw_sha256: String,
+    pub raw_len: u64,
+    /// Lowercase hex SHA-256 of the Bundle, once `Ready`.
+    pub bundle_sha256: Option<String>,
+    pub bundle_len: u64,
+    /// Set only for `Delivered` records (read from the audit table).
+    #[serde(skip)]
+    pub delivered_at_ms: Option<u64>,
+}
+
+/// A record with its payloads (each `None` when not stored or not loaded).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub meta: RecordMeta,
+    pub raw: Option<Vec<u8>>,
+    pub bundle: Option<Vec<u8>>,
+}
+
+impl Record {
+    pub fn id(&self) -> RecordId {
+        self.meta.id
+    }
+    pub fn state(&self) -> &RecordState {
+        &self.meta.state
+    }
+}
+
+/// What remains of a delivered record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    #[serde(skip)]
+    pub id: RecordId,
+    pub feed: String,
+    pub control_id: String,
+    pub message_type: String,
+    pub received_at_ms: u64,
+    pub delivered_at_ms: u64,
+    pub raw_sha256: String,
+    pub bundle_sha256: Option<String>,
+}
+
+/// Limits that turn into negative ACKs instead of an exhausted disk.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxLimits {
+    /// Maximum total bytes of raw messages + Bundles of records not yet delivered.
+    pub max_bytes: u64,
+    /// Maximum number of records not yet delivered (received + ready + quarantined).
+    pub max_records: u64,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        OutboxLimits {
+            max_bytes: 1 << 30,
+            max_records: 1_000_000,
+        }
+    }
+}
+
+/// Counts and sizes, for health checks and the `outbox` CLI command.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    pub received: u64,
+    pub ready: u64,
+    pub quarantined: u64,
+    /// Delivered since the database was created (audit rows may have been pruned).
+    pub delivered_total: u64,
+    pub audit_rows: u64,
+    /// Bytes of raw + Bundle of records not yet delivered.
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub max_records: u64,
+    /// The id the next insert will get.
+    pub next_id: RecordId,
+}
+
+/// Filter for [`Outbox::list`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only records in this state (`Delivered` lists audit rows).
+    pub state: Option<StateKind>,
+    pub feed: Option<String>,
+    /// Only ids strictly greater than this (paging).
+    pub after: Option<RecordId>,
+    /// At most this many results; 0 means 100.
+    pub limit: usize,
+}
+
+/// A mutation, applied by the writer inside a batch transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOp {
+    Insert(NewRecord),
+    SetReady { id: RecordId, bundle: Vec<u8> },
+    Quarantine { id: RecordId, reason: String },
+    MarkDelivered { id: RecordId },
+    PruneAudit { cutoff_ms: u64 },
+}
+
+/// The successful result of one [`WriteOp`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Inserted(RecordId),
+    Done,
+    Pruned(u64),
+}
+
+/// Handle to the store. Cheap to clone; all clones share one redb database.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    limits: OutboxLimits,
+    commits: AtomicU64,
+    changes: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.inner.path)
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unix time in milliseconds (0 if the clock is before 1970, which only a broken RTC does).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = String::with_capacity(64);
+    for b in digest.as_ref() {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// All tables of a write transaction, opened once per batch.
+struct Tables<'txn> {
+    meta: Table<'txn, u64, &'static [u8]>,
+    raw: Table<'txn, u64, &'static [u8]>,
+    bundle: Table<'txn, u64, &'static [u8]>,
+    pending: Table<'txn, (&'static str, u64), ()>,
+    to_map: Table<'txn, u64, ()>,
+    audit: Table<'txn, u64, &'static [u8]>,
+    counters: Table<'txn, &'static str, u64>,
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox database at `path`.
+    ///
+    /// Creates the tables on first use and checks the schema version, so a later read never
+    /// fails with "table does not exist".
+    pub fn open(path: &Path, limits: OutboxLimits) -> Result<Outbox, StoreError> {
+        let db = Database::create(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        let (changes, _) = watch::channel(0);
+        let outbox = Outbox {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_path_buf(),
+                limits,
+                commits: AtomicU64::new(0),
+                changes,
+            }),
+        };
+        outbox.init_schema()?;
+        Ok(outbox)
+    }
+
+    fn init_schema(&self) -> Result<(), StoreError> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = self.open_tables(&txn)?;
+            let found = self.counter(&t.counters, C_SCHEMA)?;
+            if found == 0 {
+                t.counters
+                    .insert(C_SCHEMA, SCHEMA_VERSION)
+                    .map_err(self.storage("write schema version"))?;
+            } else if found != SCHEMA_VERSION {
+                return Err(StoreError::Incompatible {
+                    path: self.inner.path.clone(),
+                    found,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+        }
+        txn.commit().map_err(self.storage("commit schema"))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn limits(&self) -> &OutboxLimits {
+        &self.inner.limits
+    }
+
+    /// Number of successful write transactions since open (group-commit observability).
+    pub fn commit_count(&self) -> u64 {
+        self.inner.commits.load(Ordering::Relaxed)
+    }
+
+    /// A receiver that changes after every commit that modified records. The mapper and the
+    /// publishers wait on it (`changed().await`) instead of polling.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    fn storage<E: Into<redb::Error>>(&self, what: &'static str) -> impl FnOnce(E) -> StoreError {
+        let path = self.inner.path.clone();
+        move |e| StoreError::Storage {
+            path,
+            what,
+            source: Box::new(e.into()),
+        }
+    }
+
+    fn corrupt(&self, what: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.inner.path.clone(),
+            what,
+        }
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
+        // Durability::Immediate is redb's default: commit() returns after fsync.
+        self.inner
+            .db
+            .begin_write()
+            .map_err(self.storage("begin write transaction"))
+    }
+
+    fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
+        self.inner
+            .db
+            .begin_read()
+            .map_err(self.storage("begin read transaction"))
+    }
+
+    fn open_tables<'txn>(&self, txn: &'txn WriteTransaction) -> Result<Tables<'txn>, StoreError> {
+        Ok(Tables {
+            meta: txn
+                .open_table(META)
+                .map_err(self.storage("open records_meta"))?,
+            raw: txn
+                .open_table(RAW)
+                .map_err(self.storage("open records_raw"))?,
+            bundle: txn
+                .open_table(BUNDLE)
+                .map_err(self.storage("open records_bundle"))?,
+            pending: txn
+                .open_table(PENDING)
+                .map_err(self.storage("open pending_by_feed"))?,
+            to_map: txn
+                .open_table(TO_MAP)
+                .map_err(self.storage("open pending_mapping"))?,
+            audit: txn
+                .open_table(AUDIT)
+                .map_err(self.storage("open audit_delivered"))?,
+            counters: txn
+                .open_table(COUNTERS)
+                .map_err(self.storage("open counters"))?,
+        })
+    }
+
+    fn counter(
+        &self,
+        table: &impl ReadableTable<&'static str, u64>,
+        key: &str,
+    ) -> Result<u64, StoreError> {
+        Ok(table
+            .get(key)
+            .map_err(self.storage("read counter"))?
+            .map(|g| g.value())
+            .unwrap_or(0))
+    }
+
+    fn decode_meta(&self, id: u64, bytes: &[u8]) -> Result<RecordMeta, StoreError> {
+        let mut meta: RecordMeta = serde_json::from_slice(bytes)
+            .map_err(|e| self.corrupt(format!("meta of record #{id}: {e}")))?;
+        meta.id = RecordId(id);
+        Ok(meta)
+    }
+
+    fn decode_audit(&self, id: u64, bytes: &[u8]) -> Result<AuditEntry, StoreError> {
+        let mut entry: AuditEntry = serde_json::from_slice(bytes)
+            .map_err(|e| self.corrupt(format!("audit row of record #{id}: {e}")))?;
+        entry.id = RecordId(id);
+        Ok(entry)
+    }
+
+    fn encode<T: Serialize>(&self, id: u64, value: &T) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(value).map_err(|e| self.corrupt(format!("encode record #{id}: {e}")))
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Reads
+    // ----------------------------------------------------------------------------------------
+
+    /// The record with its payloads; a delivered record comes from its audit row (no payloads).
+    pub fn get(&self, id: RecordId) -> Result<Option<Record>, StoreError> {
+        let txn = self.begin_read()?;
+        let meta_t = txn
+            .open_table(META)
+            .map_err(self.storage("open records_meta"))?;
+        if let Some(m) = meta_t.get(id.0).map_err(self.storage("read meta"))? {
+            let meta = self.decode_meta(id.0, m.value())?;
+            let raw = read_bytes(&txn, RAW, id.0).map_err(self.storage("read raw message"))?;
+            let bundle = read_bytes(&txn, BUNDLE, id.0).map_err(self.storage("read bundle"))?;
+            return Ok(Some(Record { meta, raw, bundle }));
+        }
+        let audit_t = txn
+            .open_table(AUDIT)
+            .map_err(self.storage("open audit_delivered"))?;
+        let Some(a) = audit_t.get(id.0).map_err(self.storage("read audit"))? else {
+            return Ok(None);
+        };
+        let entry = self.decode_audit(id.0, a.value())?;
+        Ok(Some(Record {
+            meta: meta_from_audit(entry),
+            raw: None,
+            bundle: None,
+        }))
+    }
+
+    /// The meta of a live record, or of a delivered one (from its audit row).
+    pub fn get_meta(&self, id: RecordId) -> Result<Option<RecordMeta>, StoreError> {
+        let txn = self.begin_read()?;
+        let meta_t = txn
+            .open_table(META)
+            .map_err(self.storage("open records_meta"))?;
+        if let Some(m) = meta_t.get(id.0).map_err(self.storage("read meta"))? {
+            return self.decode_meta(id.0, m.value()).map(Some);
+        }
+        let audit_t = txn
+            .open_table(AUDIT)
+            .map_err(self.storage("open audit_delivered"))?;
+        match audit_t.get(id.0).map_err(self.storage("read audit"))? {
+            Some(a) => Ok(Some(meta_from_audit(self.decode_audit(id.0, a.value())?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Ids of every `Received` record, in id order: what the mapper must (re)process after a
+    /// restart.
+    pub fn pending_for_mapping(&self) -> Result<Vec<RecordId>, StoreError> {
+        let txn = self.begin_read()?;
+        let t = txn
+            .open_table(TO_MAP)
+            .map_err(self.storage("open pending_mapping"))?;
+        let mut ids = Vec::new();
+        for entry in t.iter().map_err(self.storage("scan pending_mapping"))? {
+            let (k, _) = entry.map_err(self.storage("scan pending_mapping"))?;
+            ids.push(RecordId(k.value()));
+        }
+        Ok(ids)
+    }
+
+    /// The first record of `feed` (id order, ids > `after`) that is neither delivered nor
+    /// quarantined, whatever its state: if it is still `Received` the publisher must wait for it,
+    /// which is what keeps a feed in order. The Bundle is loaded when `Ready`; `raw` is not.
+    pub fn next_ready(
+        &self,
+        feed: &str,
+        after: Option<RecordId>,
+    ) -> Result<Option<Record>, StoreError> {
+        let start = match after {
+            None => 0,
+            Some(RecordId(a)) => match a.checked_add(1) {
+                Some(s) => s,
+                None => return Ok(None),
+            },
+        };
+        let txn = self.begin_read()?;
+        let pending = txn
+            .open_table(PENDING)
+            .map_err(self.storage("open pending_by_feed"))?;
+        let mut range = pending
+            .range((feed, start)..=(feed, u64::MAX))
+            .map_err(self.storage("scan pending_by_feed"))?;
+        let Some(entry) = range.next() else {
+            return Ok(None);
+        };
+        let (key, _) = entry.map_err(self.storage("scan pending_by_feed"))?;
+        let id = key.value().1;
+        let meta_t = txn
+            .open_table(META)
+            .map_err(self.storage("open records_meta"))?;
+        let meta = match meta_t.get(id).map_err(self.storage("read meta"))? {
+            Some(m) => self.decode_meta(id, m.value())?,
+            None => {
+                return Err(self.corrupt(format!(
+                    "record #{id} is in the pending index of feed {feed:?} but has no meta"
+                )));
+            }
+        };
+        let bundle = if meta.state == RecordState::Ready {
+            match read_bytes(&txn, BUNDLE, id).map_err(self.storage("read bundle"))? {
+                Some(b) => Some(b),
+                None => {
+                    return Err(self.corrupt(format!("record #{id} is ready but has no bundle")));
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Some(Record {
+            meta,
+            raw: None,
+            bundle,
+        }))
+    }
+
+    /// Counts per state and byte usage (read from the counters, O(1)).
+    pub fn stats(&self) -> Result<OutboxStats, StoreError> {
+        let txn = self.begin_read()?;
+        let c = txn
+            .open_table(COUNTERS)
+            .map_err(self.storage("open counters"))?;
+        let audit = txn
+            .open_table(AUDIT)
+            .map_err(self.storage("open audit_delivered"))?;
+        use redb::ReadableTableMetadata;
+        Ok(OutboxStats {
+            received: self.counter(&c, C_RECEIVED)?,
+            ready: self.counter(&c, C_READY)?,
+            quarantined: self.counter(&c, C_QUARANTINED)?,
+            delivered_total: self.counter(&c, C_DELIVERED)?,
+            audit_rows: audit.len().map_err(self.storage("count audit rows"))?,
+            bytes: self.counter(&c, C_BYTES)?,
+            max_bytes: self.inner.limits.max_bytes,
+            max_records: self.inner.limits.max_records,
+            next_id: RecordId(self.counter(&c, C_NEXT_ID)?.max(1)),
+        })
+    }
+
+    /// Metas in id order matching `filter` (for the CLI and the quarantine review).
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<RecordMeta>, StoreError> {
+        let limit = if filter.limit == 0 { 100 } else { filter.limit };
+        let start = match filter.after {
+            None => 0,
+            Some(RecordId(a)) => match a.checked_add(1) {
+                Some(s) => s,
+                None => return Ok(Vec::new()),
+            },
+        };
+        let txn = self.begin_read()?;
+        let mut out = Vec::new();
+        let want_feed = |feed: &str| filter.feed.as_deref().is_none_or(|f| f == feed);
+        if filter.state != Some(StateKind::Delivered) {
+            let t = txn
+                .open_table(META)
+                .map_err(self.storage("open records_meta"))?;
+            for entry in t
+                .range(start..)
+                .map_err(self.storage("scan records_meta"))?
+            {
+                let (k, v) = entry.map_err(self.storage("scan records_meta"))?;
+                let meta = self.decode_meta(k.value(), v.value())?;
+                if filter.state.is_none_or(|s| s == meta.state.kind()) && want_feed(&meta.feed) {
+                    out.push(meta);
+                }
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        if filter.state.is_none() || filter.state == Some(StateKind::Delivered) {
+            let t = txn
+                .open_table(AUDIT)
+                .map_err(self.storage("open audit_delivered"))?;
+            let mut delivered = Vec::new();
+            for entry in t.range(start..).map_err(self.storage("scan audit"))? {
+                let (k, v) = entry.map_err(self.storage("scan audit"))?;
+                let meta = meta_from_audit(self.decode_audit(k.value(), v.value())?);
+                if want_feed(&meta.feed) {
+                    delivered.push(meta);
+                }
+                if delivered.len() >= limit {
+                    break;
+                }
+            }
+            out.extend(delivered);
+            out.sort_by_key(|m| m.id);
+            out.truncate(limit);
+        }
+        Ok(out)
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Writes (called by the single writer task only)
+    // ----------------------------------------------------------------------------------------
+
+    /// Applies `ops` in ONE durable transaction.
+    ///
+    /// Returns `Err` when the transaction as a whole failed (nothing was stored); otherwise one
+    /// result per op: an op refused for its own reason (store full, wrong state, unknown id)
+    /// checks everything before writing anything, so it leaves no trace and does not spoil the
+    /// rest of the batch.
+    pub(crate) fn apply_batch(
+        &self,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+        let txn = self.begin_write()?;
+        let mut results = Vec::with_capacity(ops.len());
+        let mut changed = false;
+        {
+            let mut t = self.open_tables(&txn)?;
+            let now = now_ms();
+            for op in ops {
+                let r = self.apply_one(&mut t, op, now)?;
+                changed |= matches!(r, Ok(WriteOutcome::Inserted(_) | WriteOutcome::Done));
+                results.push(r);
+            }
+        }
+        txn.commit().map_err(self.storage("commit write batch"))?;
+        self.inner.commits.fetch_add(1, Ordering::Relaxed);
+        if changed {
+            self.inner.changes.send_modify(|g| *g = g.wrapping_add(1));
+        }
+        Ok(results)
+    }
+
+    fn add_counter(
+        &self,
+        t: &mut Tables<'_>,
+        key: &'static str,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        let cur = self.counter(&t.counters, key)?;
+        let new = cur.checked_add_signed(delta).ok_or_else(|| {
+            self.corrupt(format!("counter {key} would leave range ({cur} {delta:+})"))
+        })?;
+        t.counters
+            .insert(key, new)
+            .map_err(self.storage("update counter"))?;
+        Ok(())
+    }
+
+    fn load_meta(&self, t: &Tables<'_>, id: RecordId) -> Result<Option<RecordMeta>, StoreError> {
+        match t.meta.get(id.0).map_err(self.storage("read meta"))? {
+            Some(m) => self.decode_meta(id.0, m.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn is_delivered(&self, t: &Tables<'_>, id: RecordId) -> Result<bool, StoreError> {
+        Ok(t.audit
+            .get(id.0)
+            .map_err(self.storage("read audit"))?
+            .is_some())
+    }
+
+    fn missing(
+        &self,
+        t: &Tables<'_>,
+        id: RecordId,
+        op: &'static str,
+    ) -> Result<StoreError, StoreError> {
+        Ok(if self.is_delivered(t, id)? {
+            StoreError::InvalidTransition {
+                id,
+                op,
+                state: StateKind::Delivered,
+            }
+        } else {
+            StoreError::NotFound { id }
+        })
+    }
+
+    fn put_meta(&self, t: &mut Tables<'_>, meta: &RecordMeta) -> Result<(), StoreError> {
+        let bytes = self.encode(meta.id.0, meta)?;
+        t.meta
+            .insert(meta.id.0, bytes.as_slice())
+            .map_err(self.storage("write meta"))?;
+        Ok(())
+    }
+
+    /// Outer `Err`: the batch must be aborted. Inner `Err`: this op is refused, nothing written.
+    fn apply_one(
+        &self,
+        t: &mut Tables<'_>,
+        op: &WriteOp,
+        now: u64,
+    ) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
+        match op {
+            WriteOp::Insert(new) => {
+                let raw_len = new.raw.len() as u64;
+                let used = self.counter(&t.counters, C_BYTES)?;
+                let records = self.counter(&t.counters, C_RECEIVED)?
+                    + self.counter(&t.counters, C_READY)?
+                    + self.counter(&t.counters, C_QUARANTINED)?;
+                let limits = &self.inner.limits;
+                if used.saturating_add(raw_len) > limits.max_bytes || records >= limits.max_records
+                {
+                    return Ok(Err(StoreError::Full {
+                        path: self.inner.path.clone(),
+                        used_bytes: used,
+                        max_bytes: limits.max_bytes,
+                        incoming_bytes: raw_len,
+                        records,
+                        max_records: limits.max_records,
+                    }));
+                }
+                let id = RecordId(self.counter(&t.counters, C_NEXT_ID)?.max(1));
+                let meta = RecordMeta {
+                    id,
+                    feed: new.feed.clone(),
+                    control_id: new.control_id.clone(),
+                    message_type: new.message_type.clone(),
+                    received_at_ms: new.received_at_ms,
+                    state: RecordState::Received,
+                    raw_sha256: sha256_hex(&new.raw),
+                    raw_len,
+                    bundle_sha256: None,
+                    bundle_len: 0,
+                    delivered_at_ms: None,
+                };
+                self.put_meta(t, &meta)?;
+                t.raw
+                    .insert(id.0, new.raw.as_slice())
+                    .map_err(self.storage("write raw message"))?;
+                t.pending
+                    .insert((new.feed.as_str(), id.0), ())
+                    .map_err(self.storage("write pending_by_feed"))?;
+                t.to_map
+                    .insert(id.0, ())
+                    .map_err(self.storage("write pending_mapping"))?;
+                t.counters
+                    .insert(C_NEXT_ID, id.0 + 1)
+                    .map_err(self.storage("update counter"))?;
+                self.add_counter(t, C_BYTES, raw_len as i64)?;
+                self.add_counter(t, C_RECEIVED, 1)?;
+                Ok(Ok(WriteOutcome::Inserted(id)))
+            }
+            WriteOp::SetReady { id, bundle } => {
+                let Some(mut meta) = self.load_meta(t, *id)? else {
+                    return Ok(Err(self.missing(t, *id, "set ready")?));
+                };
+                if meta.state != RecordState::Received {
+                    return Ok(Err(StoreError::InvalidTransition {
+                        id: *id,
+                        op: "set ready",
+                        state: meta.state.kind(),
+                    }));
+                }
+                meta.state = RecordState::Ready;
+                meta.bundle_sha256 = Some(sha256_hex(bundle));
+                meta.bundle_len = bundle.len() as u64;
+                self.put_meta(t, &meta)?;
+                t.bundle
+                    .insert(id.0, bundle.as_slice())
+                    .map_err(self.storage("write bundle"))?;
+                t.to_map
+                    .remove(id.0)
+                    .map_err(self.storage("update pending_mapping"))?;
+                // Bundles are not refused for space: the message was already accepted and
+                // ACKed; refusing its Bundle would only wedge the feed. New inserts pay instead.
+                self.add_counter(t, C_BYTES, bundle.len() as i64)?;
+                self.add_counter(t, C_RECEIVED, -1)?;
+                self.add_counter(t, C_READY, 1)?;
+                Ok(Ok(WriteOutcome::Done))
+            }
+            WriteOp::Quarantine { id, reason } => {
+                let Some(mut meta) = self.load_meta(t, *id)? else {
+                    return Ok(Err(self.missing(t, *id, "quarantine")?));
+                };
+                let from = meta.state.kind();
+                if !matches!(from, StateKind::Received | StateKind::Ready) {
+                    return Ok(Err(StoreError::InvalidTransition {
+                        id: *id,
+                        op: "quarantine",
+                        state: from,
+                    }));
+                }
+                meta.state = RecordState::Quarantined {
+                    reason: reason.clone(),
+                };
+                self.put_meta(t, &meta)?;
+                t.pending
+                    .remove((meta.feed.as_str(), id.0))
+                    .map_err(self.storage("update pending_by_feed"))?;
+                t.to_map
+                    .remove(id.0)
+                    .map_err(self.storage("update pending_mapping"))?;
+                self.add_counter(
+                    t,
+                    if from == StateKind::Received {
+                        C_RECEIVED
+                    } else {
+                        C_READY
+                    },
+                    -1,
+                )?;
+                self.add_counter(t, C_QUARANTINED, 1)?;
+                Ok(Ok(WriteOutcome::Done))
+            }
+            WriteOp::MarkDelivered { id } => {
+                let Some(meta) = self.load_meta(t, *id)? else {
+                    // A second PUBACK for a republished record: already delivered is success.
+                    if self.is_delivered(t, *id)? {
+                        return Ok(Ok(WriteOutcome::Done));
+                    }
+                    return Ok(Err(StoreError::NotFound { id: *id }));
+                };
+                if meta.state != RecordState::Ready {
+                    return Ok(Err(StoreError::InvalidTransition {
+                        id: *id,
+                        op: "mark delivered",
+                        state: meta.state.kind(),
+                    }));
+                }
+                let entry = AuditEntry {
+                    id: *id,
+                    feed: meta.feed.clone(),
+                    control_id: meta.control_id.clone(),
+                    message_type: meta.message_type.clone(),
+                    received_at_ms: meta.received_at_ms,
+                    delivered_at_ms: now,
+                    raw_sha256: meta.raw_sha256.clone(),
+                    bundle_sha256: meta.bundle_sha256.clone(),
+                };
+                let bytes = self.encode(id.0, &entry)?;
+                t.audit
+                    .insert(id.0, bytes.as_slice())
+                    .map_err(self.storage("write audit row"))?;
+                t.meta.remove(id.0).map_err(self.storage("remove meta"))?;
+                t.raw
+                    .remove(id.0)
+                    .map_err(self.storage("remove raw message"))?;
+                t.bundle
+                    .remove(id.0)
+                    .map_err(self.storage("remove bundle"))?;
+                t.pending
+                    .remove((meta.feed.as_str(), id.0))
+                    .map_err(self.storage("update pending_by_feed"))?;
+                let freed = meta.raw_len.saturating_add(meta.bundle_len);
+                self.add_counter(t, C_BYTES, -(freed as i64))?;
+                self.add_counter(t, C_READY, -1)?;
+                self.add_counter(t, C_DELIVERED, 1)?;
+                Ok(Ok(WriteOutcome::Done))
+            }
+            WriteOp::PruneAudit { cutoff_ms } => {
+                let mut pruned = 0u64;
+                let mut undecodable = 0u64;
+                let cutoff = *cutoff_ms;
+                t.audit
+                    .retain(|_, v| {
+                        match serde_json::from_slice::<AuditEntry>(v) {
+                            Ok(e) if e.delivered_at_ms < cutoff => {
+                                pruned += 1;
+                                false
+                            }
+                            Ok(_) => true,
+                            Err(_) => {
+                                // Keep what we cannot read: pruning must never destroy
+                                // evidence by accident.
+                                undecodable += 1;
+                                true
+                            }
+                        }
+                    })
+                    .map_err(self.storage("prune audit rows"))?;
+                if undecodable > 0 {
+                    tracing::warn!(
+                        path = %self.inner.path.display(),
+                        undecodable,
+                        "outbox: audit rows that cannot be decoded were kept by pruning"
+                    );
+                }
+                Ok(Ok(WriteOutcome::Pruned(pruned)))
+            }
+        }
+    }
+}
+
+fn read_bytes(
+    txn: &ReadTransaction,
+    def: TableDefinition<u64, &[u8]>,
+    id: u64,
+) -> Result<Option<Vec<u8>>, redb::Error> {
+    let t = txn.open_table(def)?;
+    Ok(t.get(id)?.map(|g| g.value().to_vec()))
+}
+
+fn meta_from_audit(e: AuditEntry) -> RecordMeta {
+    RecordMeta {
+        id: e.id,
+        feed: e.feed,
+        control_id: e.control_id,
+        message_type: e.message_type,
+        received_at_ms: e.received_at_ms,
+        state: RecordState::Delivered,
+        raw_sha256: e.raw_sha256,
+        raw_len: 0,
+        bundle_sha256: e.bundle_sha256,
+        bundle_len: 0,
+        delivered_at_ms: Some(e.delivered_at_ms),
+    }
+}
