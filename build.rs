@@ -21,19 +21,27 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 fn main() {
-    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let dir = root.join("mappings");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut files = Vec::new();
     collect(&dir, &mut files);
     files.sort();
-    let mut code = String::from("/// (display name, YAML text) of every shipped mapping file.\npub const EMBEDDED: &[(&str, &str)] = &[\n");
+    let mut code = String::from(
+        "/// (display name, YAML text) of every shipped mapping file.\npub const EMBEDDED: &[(&str, &str)] = &[\n",
+    );
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
         let rel = f.strip_prefix(&root).unwrap_or(f);
-        code.push_str(&format!("    ({:?}, include_str!({:?})),\n", rel.display().to_string(), f.display().to_string()));
+        code.push_str(&format!(
+            "    ({:?}, include_str!({:?})),\n",
+            rel.display().to_string(),
+            f.display().to_string()
+        ));
     }
     code.push_str("];\n");
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("embedded_mappings.rs");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
+        .join("embedded_mappings.rs");
     std::fs::write(out, code).expect("write embedded_mappings.rs");
 }

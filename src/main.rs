@@ -21,7 +21,11 @@ use hl7_edge::pipeline::{self, Processor};
 use hl7_edge::sign::{self, SigningKey, VerifyingKey};
 
 #[derive(Parser)]
-#[command(name = "hl7-edge", version, about = "HL7 v2 in, signed FHIR R4 (London profile) out.")]
+#[command(
+    name = "hl7-edge",
+    version,
+    about = "HL7 v2 in, signed FHIR R4 (London profile) out."
+)]
 struct Cli {
     /// Configuration file (TOML). Without it, built-in defaults apply; HL7EDGE_* variables
     /// override either (nested keys with `__`, e.g. HL7EDGE_MQTT__URL).
@@ -75,7 +79,12 @@ fn main() -> ExitCode {
             ref file,
             ref mappings,
             ref feed,
-        } => cmd_map(cli.config.as_deref(), file, mappings.as_deref(), feed.as_deref()),
+        } => cmd_map(
+            cli.config.as_deref(),
+            file,
+            mappings.as_deref(),
+            feed.as_deref(),
+        ),
         Command::Check { ref mappings } => cmd_check(cli.config.as_deref(), mappings.as_deref()),
         Command::Keygen { ref out } => cmd_keygen(cli.config.as_deref(), out.as_deref()),
         Command::Verify { ref file, ref keys } => cmd_verify(cli.config.as_deref(), file, keys),
@@ -113,7 +122,8 @@ fn cmd_map(
     let feeds = adapter::load(config.adapters_dir.as_deref())?;
     let feed = pick_feed(&feeds, feed)?;
     let set = load_mappings(&config, mappings)?;
-    let processor = Processor::new(Arc::new(set), config.site.clone()).map_err(anyhow::Error::msg)?;
+    let processor =
+        Processor::new(Arc::new(set), config.site.clone()).map_err(anyhow::Error::msg)?;
     let raw = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let produced = processor.bundle(&raw, feed, jiff::Timestamp::now())?;
     for w in &produced.warnings {
@@ -129,7 +139,11 @@ fn pick_feed<'a>(feeds: &'a [FeedConfig], name: Option<&str>) -> Result<&'a Feed
         Some(n) => feeds.iter().find(|f| f.name == n).with_context(|| {
             format!(
                 "no feed named {n:?} (configured: {})",
-                feeds.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+                feeds
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         }),
     }
@@ -149,7 +163,11 @@ fn cmd_check(config: Option<&Path>, mappings: Option<&Path>) -> Result<ExitCode>
     match adapter::load(cfg.adapters_dir.as_deref()) {
         Ok(feeds) => println!(
             "feeds: {}",
-            feeds.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+            feeds
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         Err(e) => problems.push(format!("adapters:\n{e}")),
     }
@@ -179,7 +197,9 @@ fn cmd_check(config: Option<&Path>, mappings: Option<&Path>) -> Result<ExitCode>
 
 fn cmd_keygen(config: Option<&Path>, out: Option<&Path>) -> Result<ExitCode> {
     let config = Config::load(config)?;
-    let path = out.map(Path::to_path_buf).unwrap_or_else(|| config.signing_key_path());
+    let path = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| config.signing_key_path());
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -189,7 +209,8 @@ fn cmd_keygen(config: Option<&Path>, out: Option<&Path>) -> Result<ExitCode> {
 }
 
 fn cmd_verify(config: Option<&Path>, file: &Path, key_files: &[PathBuf]) -> Result<ExitCode> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let bundle: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
     let mut keys = Vec::new();
@@ -209,7 +230,7 @@ fn cmd_verify(config: Option<&Path>, file: &Path, key_files: &[PathBuf]) -> Resu
     }
     match sign::verify_bundle(&bundle, &keys) {
         Ok(kid) => {
-            println!("valid: signed by key {kid}");
+            println!("valid: signed by key {}", kid.kid);
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -267,7 +288,9 @@ async fn daemon(config: Config) -> Result<()> {
     }
     drop(ids_tx);
 
-    let processor = Arc::new(Processor::new(Arc::new(mappings), config.site.clone()).map_err(anyhow::Error::msg)?);
+    let processor = Arc::new(
+        Processor::new(Arc::new(mappings), config.site.clone()).map_err(anyhow::Error::msg)?,
+    );
     let mapper = tokio::spawn(pipeline::run_mapper(
         processor,
         key,
@@ -278,8 +301,7 @@ async fn daemon(config: Config) -> Result<()> {
         trigger.subscribe(),
     ));
     let forwarder = forward::mqtt::Forwarder::spawn(
-        config.mqtt.clone(),
-        config.site.appliance_id.clone(),
+        config.mqtt_effective(),
         outbox.clone(),
         writer.clone(),
         feed_map.keys().cloned().collect(),
@@ -321,7 +343,10 @@ fn create_state_dir(dir: &Path) -> Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         error!("cannot install signal handlers; stopping on Ctrl-C only");
         let _ = tokio::signal::ctrl_c().await;
         return;

@@ -61,9 +61,21 @@ fn adt_messages_are_acked_mapped_signed_and_published() {
         assert_eq!(field(&ack, "MSA", 1), "AA", "ACK for {file}: {ack}");
         assert_eq!(field(&ack, "MSA", 2), ctrl, "MSA-2 echoes MSH-10: {ack}");
         assert_eq!(field(&ack, "MSH", 9), format!("ACK^{trigger}^ACK"), "{ack}");
-        assert_eq!(field(&ack, "MSH", 3), "HL7EDGE", "sender/receiver swapped: {ack}");
-        assert_eq!(field(&ack, "MSH", 5), "PAS", "sender/receiver swapped: {ack}");
-        assert_eq!(field(&ack, "MSH", 12), "2.4", "version follows the message: {ack}");
+        assert_eq!(
+            field(&ack, "MSH", 3),
+            "HL7EDGE",
+            "sender/receiver swapped: {ack}"
+        );
+        assert_eq!(
+            field(&ack, "MSH", 5),
+            "PAS",
+            "sender/receiver swapped: {ack}"
+        );
+        assert_eq!(
+            field(&ack, "MSH", 12),
+            "2.4",
+            "version follows the message: {ack}"
+        );
     }
     let msgs = sub.take(3, Duration::from_secs(60));
 
@@ -71,11 +83,17 @@ fn adt_messages_are_acked_mapped_signed_and_published() {
     assert_eq!(topic, "hl7-edge/test-edge/pas/ADT_A01");
     assert_eq!(a01["resourceType"], "Bundle");
     assert_eq!(a01["type"], "message");
-    assert_eq!(a01["timestamp"], "2026-07-15T10:15:00+01:00", "BST offset applied");
+    assert_eq!(
+        a01["timestamp"], "2026-07-15T10:15:00+01:00",
+        "BST offset applied"
+    );
     let mh = &a01["entry"][0]["resource"];
     assert_eq!(mh["resourceType"], "MessageHeader");
     assert_eq!(mh["eventCoding"]["code"], "A01");
-    assert_eq!(mh["eventCoding"]["system"], "http://terminology.hl7.org/CodeSystem/v2-0003");
+    assert_eq!(
+        mh["eventCoding"]["system"],
+        "http://terminology.hl7.org/CodeSystem/v2-0003"
+    );
 
     let patient = resource(&a01, "Patient");
     let nhs = &patient["identifier"][0];
@@ -86,7 +104,10 @@ fn adt_messages_are_acked_mapped_signed_and_published() {
         "01"
     );
     assert_eq!(patient["identifier"][1]["value"], "RRV1234567");
-    assert_eq!(patient["identifier"][1]["system"], "https://id.hl7-edge.invalid/RRV/mrn");
+    assert_eq!(
+        patient["identifier"][1]["system"],
+        "https://id.hl7-edge.invalid/RRV/mrn"
+    );
     assert_eq!(patient["name"][0]["family"], "O'BRIEN");
     assert_eq!(patient["name"][0]["given"][0], "ZOË", "UTF-8 name intact");
     assert_eq!(patient["name"][0]["use"], "official");
@@ -106,7 +127,10 @@ fn adt_messages_are_acked_mapped_signed_and_published() {
     let patient_url = format!("urn:uuid:{}", patient["id"].as_str().expect("id"));
     assert_eq!(enc["subject"]["reference"], patient_url.as_str());
     let org = resource(&a01, "Organization");
-    assert_eq!(org["identifier"][0]["system"], "https://fhir.nhs.uk/Id/ods-organization-code");
+    assert_eq!(
+        org["identifier"][0]["system"],
+        "https://fhir.nhs.uk/Id/ods-organization-code"
+    );
     assert_eq!(org["identifier"][0]["value"], "RRV");
 
     // Signed, verifiable with the public JWK, and tamper-evident.
@@ -125,7 +149,10 @@ fn adt_messages_are_acked_mapped_signed_and_published() {
     let (_, a04) = by_control_id(&msgs, "MSG00002");
     assert_eq!(resource(&a04, "Encounter")["status"], "arrived");
     assert_eq!(resource(&a04, "Encounter")["class"]["code"], "AMB");
-    assert_eq!(a04["timestamp"], "2026-01-15T09:00:00+00:00", "GMT offset applied");
+    assert_eq!(
+        a04["timestamp"], "2026-01-15T09:00:00+00:00",
+        "GMT offset applied"
+    );
 
     // The log never carries patient data.
     let log = d.log_text();
@@ -148,7 +175,11 @@ fn python_hl7_mllp_send_gets_an_aa() {
         .output()
         .expect("run mllp_send");
     let text = String::from_utf8_lossy(&out.stdout).replace('\n', "\r");
-    assert!(out.status.success(), "mllp_send failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mllp_send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(field(&text, "MSA", 1), "AA", "mllp_send printed: {text}");
     assert_eq!(field(&text, "MSA", 2), "MSG00001");
     let msgs = sub.take(1, Duration::from_secs(60));
@@ -164,7 +195,10 @@ fn bad_input_gets_a_negative_ack_and_the_connection_keeps_working() {
 
     let ack = c.send(b"this is not HL7 at all");
     assert_eq!(field(&ack, "MSA", 1), "AR", "{ack}");
-    assert!(ack.contains("ERR"), "an ERR segment explains the refusal: {ack}");
+    assert!(
+        ack.contains("ERR"),
+        "an ERR segment explains the refusal: {ack}"
+    );
 
     let ack = c.send(b"MSH|^~\\&|PAS|RRV|X|Y|20260101||ADT^A01|CTRL-NO-VERSION|P\rPID|1\r");
     assert_eq!(field(&ack, "MSA", 1), "AR", "no MSH-12: {ack}");
@@ -178,7 +212,12 @@ fn bad_input_gets_a_negative_ack_and_the_connection_keeps_working() {
     let mut big = b"MSH|^~\\&|PAS|RRV|X|Y|20260101||ADT^A01|BIG|P|2.4\rNTE|1||".to_vec();
     big.extend(std::iter::repeat_n(b'x', 100_000));
     let ack = c.send(&big);
-    assert_eq!(field(&ack, "MSA", 1), "AR", "oversize: {}", &ack[..ack.len().min(300)]);
+    assert_eq!(
+        field(&ack, "MSA", 1),
+        "AR",
+        "oversize: {}",
+        &ack[..ack.len().min(300)]
+    );
 
     // Garbage between frames is skipped.
     c.send_raw(b"\r\n\r\nnoise");

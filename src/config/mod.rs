@@ -200,7 +200,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         if self.site.ods_code.trim().is_empty()
-            || !self.site.ods_code.chars().all(|c| c.is_ascii_alphanumeric())
+            || !self
+                .site
+                .ods_code
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric())
         {
             errors.push(format!(
                 "site.ods_code {:?} is not an ODS code (letters and digits only)",
@@ -235,6 +239,20 @@ impl Config {
             .key_file
             .clone()
             .unwrap_or_else(|| self.state_dir.join("signing-key.pem"))
+    }
+
+    /// MQTT settings with the site's identity filled in: the topic's site level and the client
+    /// id default to the appliance id, so one setting names the appliance everywhere.
+    pub fn mqtt_effective(&self) -> MqttConfig {
+        let mut m = self.mqtt.clone();
+        let defaults = MqttConfig::default();
+        if m.site == defaults.site {
+            m.site = self.site.appliance_id.clone();
+        }
+        if m.client_id == defaults.client_id {
+            m.client_id = format!("hl7-edge-{}-{}", self.site.ods_code, self.site.appliance_id);
+        }
+        m
     }
 
     /// The outbox database path.
@@ -278,6 +296,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error type
     fn environment_overrides_file() {
         // figment's Jail isolates the environment for this test.
         figment::Jail::expect_with(|jail| {

@@ -45,9 +45,10 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
     let header_id = key("MessageHeader");
     let provenance_id = key("Provenance");
     let received = instant(input.received_at, input.tz);
-    let timestamp = time::hl7_to_fhir_instant(&h.timestamp, input.tz, time::AmbiguityPolicy::Earlier)
-        .map(|t| t.value)
-        .unwrap_or_else(|_| received.clone());
+    let timestamp =
+        time::hl7_to_fhir_instant(&h.timestamp, input.tz, time::AmbiguityPolicy::Earlier)
+            .map(|t| t.value)
+            .unwrap_or_else(|_| received.clone());
 
     let reference = |i: usize| {
         mapped
@@ -118,7 +119,8 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
         }]
     });
 
-    let mut entries = vec![json!({ "fullUrl": ids::urn(&header_id), "resource": Value::Object(mh) })];
+    let mut entries =
+        vec![json!({ "fullUrl": ids::urn(&header_id), "resource": Value::Object(mh) })];
     for r in mapped.resources {
         entries.push(json!({ "fullUrl": ids::urn(&r.id), "resource": Value::Object(r.json) }));
     }

@@ -83,7 +83,10 @@ fn london(bundle: &Value, problems: &mut Vec<String>) {
     let mut full_urls = HashSet::new();
     for (i, e) in entries.iter().enumerate() {
         let full = e.get("fullUrl").and_then(Value::as_str).unwrap_or("");
-        let id = e.pointer("/resource/id").and_then(Value::as_str).unwrap_or("");
+        let id = e
+            .pointer("/resource/id")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if full != format!("urn:uuid:{id}") || id.is_empty() {
             problems.push(format!(
                 "Bundle.entry[{i}].fullUrl must be urn:uuid:<resource id>"
@@ -94,12 +97,19 @@ fn london(bundle: &Value, problems: &mut Vec<String>) {
         }
     }
     for (i, e) in entries.iter().enumerate() {
-        let Some(res) = e.get("resource") else { continue };
-        let rtype = res.get("resourceType").and_then(Value::as_str).unwrap_or("?");
+        let Some(res) = e.get("resource") else {
+            continue;
+        };
+        let rtype = res
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
         let path = format!("Bundle.entry[{i}].resource({rtype})");
         check_tree(res, &path, &full_urls, problems);
         if rtype == "Patient" && res.get("identifier").is_none() {
-            problems.push(format!("{path}.identifier: a Patient needs at least one identifier"));
+            problems.push(format!(
+                "{path}.identifier: a Patient needs at least one identifier"
+            ));
         }
     }
 }
@@ -112,15 +122,20 @@ fn check_tree(v: &Value, path: &str, full_urls: &HashSet<String>, problems: &mut
                 && r.starts_with("urn:uuid:")
                 && !full_urls.contains(r)
             {
-                problems.push(format!("{path}.reference does not resolve inside the Bundle"));
+                problems.push(format!(
+                    "{path}.reference does not resolve inside the Bundle"
+                ));
             }
-            if m.get("system").and_then(Value::as_str) == Some("https://fhir.nhs.uk/Id/nhs-number") {
+            if m.get("system").and_then(Value::as_str) == Some("https://fhir.nhs.uk/Id/nhs-number")
+            {
                 let ok = m
                     .get("value")
                     .and_then(Value::as_str)
                     .is_some_and(nhs::is_valid_nhs_number);
                 if !ok {
-                    problems.push(format!("{path}: an nhs-number identifier fails the modulus 11 check"));
+                    problems.push(format!(
+                        "{path}: an nhs-number identifier fails the modulus 11 check"
+                    ));
                 }
             }
             for (k, c) in m {
@@ -129,7 +144,9 @@ fn check_tree(v: &Value, path: &str, full_urls: &HashSet<String>, problems: &mut
                     && s.len() > 10
                     && !has_offset(s)
                 {
-                    problems.push(format!("{path}.{k}: a date-time with a time must carry an offset"));
+                    problems.push(format!(
+                        "{path}.{k}: a date-time with a time must carry an offset"
+                    ));
                 }
                 check_tree(c, &format!("{path}.{k}"), full_urls, problems);
             }
@@ -146,8 +163,16 @@ fn check_tree(v: &Value, path: &str, full_urls: &HashSet<String>, problems: &mut
 fn is_datetime_key(k: &str) -> bool {
     matches!(
         k,
-        "start" | "end" | "timestamp" | "recorded" | "when" | "effectiveDateTime" | "issued"
-            | "deceasedDateTime" | "onsetDateTime" | "authoredOn"
+        "start"
+            | "end"
+            | "timestamp"
+            | "recorded"
+            | "when"
+            | "effectiveDateTime"
+            | "issued"
+            | "deceasedDateTime"
+            | "onsetDateTime"
+            | "authoredOn"
     )
 }
 

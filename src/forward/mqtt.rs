@@ -56,7 +56,7 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
     StateError, TlsConfiguration, Transport,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -64,7 +64,7 @@ use tokio::time::Instant;
 use crate::outbox::{Outbox, RecordId, RecordState, StoreError, WriterHandle};
 
 /// MQTT settings (`[mqtt]` in the configuration).
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// `mqtt://host:port` (default port 1883) or `mqtts://host:port` (TLS, default port 8883).

@@ -111,7 +111,8 @@ fn truncate_chars(s: &str, max: usize) -> &str {
 /// MSH swaps sending/receiving application and facility; MSH-7 = `now`;
 /// MSH-9 = `ACK^<trigger>^ACK`; MSH-10 = `ack_control_id`; MSH-11/12 echo the incoming
 /// processing and version ids; MSH-2 echoes the incoming delimiters (unless they are unusable,
-/// then `|^~\&`). MSA-2 = incoming MSH-10. Segments are joined with `\r`, no framing.
+/// then `|^~\&`). MSA-2 = incoming MSH-10. Every segment ends with `\r` (HL7 terminates segments, the last
+/// one included); no MLLP framing.
 pub fn build_ack(
     incoming: &Header,
     seps: &Separators,
@@ -171,7 +172,10 @@ pub fn build_ack(
         let reps: Vec<String> = errors.iter().map(|err| eld_v23(err, &seps)).collect();
         segments.push(format!("ERR{f}{}", reps.join(&seps.repetition.to_string())));
     }
-    segments.join("\r")
+    // HL7 terminates every segment with CR, the last one included.
+    let mut out = segments.join("\r");
+    out.push('\r');
+    out
 }
 
 /// Location parts (`PID^1^3` -> `["PID", "1", "3"]`), each escaped.
@@ -282,7 +286,7 @@ mod tests {
             "ACK1",
             "20261125101500+0000",
         );
-        let segs: Vec<&str> = ack.split('\r').collect();
+        let segs: Vec<&str> = ack.split_terminator('\r').collect();
         assert_eq!(
             segs[0],
             "MSH|^~\\&|EDGE|GW|LAB|HOSP|20261125101500+0000||ACK^R01^ACK|ACK1|P|2.5.1"
@@ -325,7 +329,7 @@ mod tests {
             "ACK2",
             "20261125101500+0000",
         );
-        let segs: Vec<&str> = ack.split('\r').collect();
+        let segs: Vec<&str> = ack.split_terminator('\r').collect();
         assert_eq!(segs.len(), 3);
         assert!(segs[0].ends_with("|ACK^R01^ACK|ACK2|P|2.3"));
         assert_eq!(
@@ -351,7 +355,7 @@ mod tests {
             "A",
             "20261125101500+0000",
         );
-        assert!(ack.ends_with("\rERR|^^^207&outbox full"), "{ack}");
+        assert!(ack.ends_with("\rERR|^^^207&outbox full\r"), "{ack}");
         let ok = build_ack(
             &header("2.5"),
             &Separators::default(),
@@ -360,8 +364,11 @@ mod tests {
             "A",
             "20261125101500+0000",
         );
-        assert_eq!(ok.split('\r').nth(1), Some("MSA|AA|MSG\\F\\00\\S\\1"));
-        assert_eq!(ok.split('\r').count(), 2);
+        assert_eq!(
+            ok.split_terminator('\r').nth(1),
+            Some("MSA|AA|MSG\\F\\00\\S\\1")
+        );
+        assert_eq!(ok.split_terminator('\r').count(), 2);
     }
 
     #[test]
@@ -379,7 +386,7 @@ mod tests {
             "A",
             "20261125101500+0000",
         );
-        let segs: Vec<&str> = ack.split('\r').collect();
+        let segs: Vec<&str> = ack.split_terminator('\r').collect();
         assert!(segs[0].starts_with("MSH|^~\\&#|"));
         assert_eq!(segs[1], "MSA|CE|MSG\\F\\00\\S\\1");
         assert!(segs[2].ends_with("|bad date \\P\\1"));
@@ -393,7 +400,7 @@ mod tests {
         let ack = build_ack(&h, &seps, AckCode::AA, &[], "A1", "20261125101500+0000");
         assert_eq!(
             ack,
-            "MSH!$r?@!EDGE!GW!LAB!HOSP!20261125101500+0000!!ACK$R01$ACK!A1!P!2.5\rMSA!AA!X?F?Y"
+            "MSH!$r?@!EDGE!GW!LAB!HOSP!20261125101500+0000!!ACK$R01$ACK!A1!P!2.5\rMSA!AA!X?F?Y\r"
         );
     }
 

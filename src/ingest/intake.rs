@@ -94,7 +94,7 @@ impl Intake {
             }
         };
         let h = msg.header().clone();
-        let seps = msg.separators().clone();
+        let seps = *msg.separators();
         if !SUPPORTED_VERSIONS.contains(&h.version.as_str()) {
             warn!(feed, peer, control_id = %h.control_id, version = %h.version, "refused: unsupported HL7 version");
             let err = AckError {
@@ -203,13 +203,25 @@ fn enhanced(h: &Header) -> bool {
 }
 
 fn accept_code(h: &Header) -> AckCode {
-    if enhanced(h) { AckCode::CA } else { AckCode::AA }
+    if enhanced(h) {
+        AckCode::CA
+    } else {
+        AckCode::AA
+    }
 }
 
 fn reject_code(h: &Header) -> AckCode {
-    if enhanced(h) { AckCode::CR } else { AckCode::AR }
+    if enhanced(h) {
+        AckCode::CR
+    } else {
+        AckCode::AR
+    }
 }
 
 fn error_code(h: &Header) -> AckCode {
-    if enhanced(h) { AckCode::CE } else { AckCode::AE }
+    if enhanced(h) {
+        AckCode::CE
+    } else {
+        AckCode::AE
+    }
 }

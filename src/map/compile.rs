@@ -22,7 +22,11 @@ pub struct LoadError {
 impl std::fmt::Display for LoadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.line > 0 {
-            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
         } else {
             write!(f, "{}: {}", self.file, self.message)
         }
@@ -189,7 +193,10 @@ pub fn compile(files: &[Parsed]) -> Result<Plan, Vec<LoadError>> {
             let mut names: Vec<&str> = Vec::new();
             for r in &m.resources {
                 if names.contains(&r.name.value.as_str()) {
-                    ctx.err(&r.name, format!("resource name `{}` is used twice", r.name.value));
+                    ctx.err(
+                        &r.name,
+                        format!("resource name `{}` is used twice", r.name.value),
+                    );
                 }
                 names.push(&r.name.value);
                 if !KNOWN_RESOURCES.contains(&r.resource_type.value.as_str()) {
@@ -209,7 +216,13 @@ pub fn compile(files: &[Parsed]) -> Result<Plan, Vec<LoadError>> {
                     {
                         s.value.clone()
                     } else {
-                        ctx.err(s, format!("`for: {}` on a resource must name a segment, such as `NK1`", s.value));
+                        ctx.err(
+                            s,
+                            format!(
+                                "`for: {}` on a resource must name a segment, such as `NK1`",
+                                s.value
+                            ),
+                        );
                         String::new()
                     }
                 });
@@ -231,7 +244,10 @@ pub fn compile(files: &[Parsed]) -> Result<Plan, Vec<LoadError>> {
             for fo in m.focus.iter().chain(m.sender.iter()) {
                 if !names.contains(&fo.value.as_str()) {
                     let hint = suggest(&fo.value, &names);
-                    ctx.err(fo, format!("`{}` is not a resource of this mapping{hint}", fo.value));
+                    ctx.err(
+                        fo,
+                        format!("`{}` is not a resource of this mapping{hint}", fo.value),
+                    );
                 }
             }
             messages.push(MessagePlan {
@@ -266,7 +282,10 @@ fn check_refs(rules: &[Rule], names: &[&str], ctx: &mut Ctx<'_>) {
             let hint = suggest(&target.value, names);
             ctx.err(
                 target,
-                format!("`ref: {}` names no resource of this mapping{hint}", target.value),
+                format!(
+                    "`ref: {}` names no resource of this mapping{hint}",
+                    target.value
+                ),
             );
         }
         if let Some(children) = &r.object {
@@ -278,12 +297,20 @@ fn check_refs(rules: &[Rule], names: &[&str], ctx: &mut Ctx<'_>) {
 fn parse_match(s: &str) -> Result<MatchPattern, String> {
     let mut parts = s.trim().split('^');
     let code = parts.next().unwrap_or("").trim();
-    if code.len() != 3 || !code.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()) {
+    if code.len() != 3
+        || !code
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+    {
         return Err(format!(
             "`{s}`: expected a message type such as `ADT^A01`, `ADT^A03^ADT_A02` or `ORU^*`"
         ));
     }
-    let wild = |p: Option<&str>| p.map(str::trim).filter(|p| !p.is_empty() && *p != "*").map(str::to_string);
+    let wild = |p: Option<&str>| {
+        p.map(str::trim)
+            .filter(|p| !p.is_empty() && *p != "*")
+            .map(str::to_string)
+    };
     let trigger = wild(parts.next());
     let structure = wild(parts.next());
     if parts.next().is_some() {
@@ -357,7 +384,10 @@ impl Compiler<'_> {
             match v.value.as_str() {
                 "valid" => push(Test::NhsNumber { valid: true }),
                 "invalid" => push(Test::NhsNumber { valid: false }),
-                other => ctx.err(v, format!("`nhs_number: {other}`: expected `valid` or `invalid`")),
+                other => ctx.err(
+                    v,
+                    format!("`nhs_number: {other}`: expected `valid` or `invalid`"),
+                ),
             }
         }
         if conds.is_empty() {
@@ -468,7 +498,13 @@ impl Compiler<'_> {
                 return None;
             };
             if depth > MAX_NESTING {
-                ctx.err(m, format!("datatype map `{}` nests too deeply (does it use itself?)", m.value));
+                ctx.err(
+                    m,
+                    format!(
+                        "datatype map `{}` nests too deeply (does it use itself?)",
+                        m.value
+                    ),
+                );
                 return None;
             }
             if r.for_each.is_none() && !in_rep {
@@ -525,7 +561,13 @@ impl Compiler<'_> {
             Some("nhs-number") => Convert::NhsNumber,
             Some(other) => {
                 const KINDS: &[&str] = &[
-                    "string", "date", "dateTime", "instant", "boolean", "integer", "decimal",
+                    "string",
+                    "date",
+                    "dateTime",
+                    "instant",
+                    "boolean",
+                    "integer",
+                    "decimal",
                     "nhs-number",
                 ];
                 let hint = suggest(other, KINDS);
@@ -585,7 +627,12 @@ fn template(v: &Spanned<String>, ctx: &mut Ctx<'_>) -> Option<Template> {
 pub fn suggest(word: &str, candidates: &[&str]) -> String {
     candidates
         .iter()
-        .map(|c| (levenshtein(&word.to_ascii_lowercase(), &c.to_ascii_lowercase()), c))
+        .map(|c| {
+            (
+                levenshtein(&word.to_ascii_lowercase(), &c.to_ascii_lowercase()),
+                c,
+            )
+        })
         .filter(|(d, c)| *d <= 2.max(c.len() / 4))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| format!("; did you mean `{c}`?"))

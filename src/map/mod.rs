@@ -143,7 +143,7 @@ impl MappingSet {
         self.plan
             .messages
             .iter()
-            .filter(|m| allowed.is_empty() || allowed.iter().any(|a| *a == m.name))
+            .filter(|m| allowed.is_empty() || allowed.contains(&m.name))
             .filter_map(|m| {
                 m.matches
                     .iter()

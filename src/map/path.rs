@@ -14,7 +14,10 @@ pub enum RepSelect {
     /// `[n]`: the n-th repetition, 1-based.
     Index(usize),
     /// `[c=A,B]`: the repetitions whose component `c` is one of the values.
-    Filter { component: usize, values: Vec<String> },
+    Filter {
+        component: usize,
+        values: Vec<String>,
+    },
 }
 
 /// An HL7 source path.
@@ -29,7 +32,10 @@ pub enum Hl7Path {
         sub: Option<usize>,
     },
     /// `.c` or `.c.s`: relative to the repetition being iterated (in a datatype map or `for`).
-    Relative { component: usize, sub: Option<usize> },
+    Relative {
+        component: usize,
+        sub: Option<usize>,
+    },
 }
 
 impl Hl7Path {
@@ -45,9 +51,10 @@ impl Hl7Path {
             None => (s, None),
         };
         if segment.len() != 3
-            || !segment.chars().enumerate().all(|(i, c)| {
-                c.is_ascii_uppercase() || (i > 0 && c.is_ascii_digit())
-            })
+            || !segment
+                .chars()
+                .enumerate()
+                .all(|(i, c)| c.is_ascii_uppercase() || (i > 0 && c.is_ascii_digit()))
         {
             return Err(format!(
                 "`{s}`: expected a segment name of 3 capitals/digits such as `PID`, then `-field`"
@@ -196,10 +203,7 @@ impl TargetPath {
                     (&raw[..i], index)
                 }
             };
-            let valid = name
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic())
+            let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(format!(
@@ -277,8 +281,16 @@ mod tests {
             }
         ));
         for bad in [
-            "pid-3", "PID-", "PID-0", "PID-3[", "PID-3[0]", "PID-3.0", "PID-3.1.2.3", "PID3",
-            "PID-3x", ".",
+            "pid-3",
+            "PID-",
+            "PID-0",
+            "PID-3[",
+            "PID-3[0]",
+            "PID-3.0",
+            "PID-3.1.2.3",
+            "PID3",
+            "PID-3x",
+            ".",
         ] {
             assert!(Hl7Path::parse(bad).is_err(), "{bad} should be rejected");
         }

@@ -111,11 +111,17 @@ pub fn run(
                 ]
             });
             let mut json = Map::new();
-            json.insert("resourceType".into(), Value::String(rp.resource_type.clone()));
+            json.insert(
+                "resourceType".into(),
+                Value::String(rp.resource_type.clone()),
+            );
             json.insert("id".into(), Value::String(id.to_string()));
             let mut meta = Map::new();
             if let Some(p) = &rp.profile {
-                meta.insert("profile".into(), Value::Array(vec![Value::String(p.clone())]));
+                meta.insert(
+                    "profile".into(),
+                    Value::Array(vec![Value::String(p.clone())]),
+                );
             }
             meta.insert("source".into(), Value::String(cx.site.appliance_uri()));
             json.insert("meta".into(), Value::Object(meta));
@@ -149,7 +155,10 @@ pub fn run(
         .filter_map(|n| first_of.get(n.as_str()).copied())
         .take(1)
         .collect();
-    let sender = mp.sender.as_ref().and_then(|n| first_of.get(n.as_str()).copied());
+    let sender = mp
+        .sender
+        .as_ref()
+        .and_then(|n| first_of.get(n.as_str()).copied());
     Ok(MapResult {
         resources: built,
         focus,
@@ -226,7 +235,10 @@ impl<'m> Runner<'_, 'm> {
             Source::Value(t) => (Some(self.render(t)), false),
             Source::Ref(name) => {
                 let mut m = Map::new();
-                m.insert("reference".into(), Value::String(format!("{REF_MARK}{name}")));
+                m.insert(
+                    "reference".into(),
+                    Value::String(format!("{REF_MARK}{name}")),
+                );
                 set_path(obj, &rule.target, Value::Object(m), rule)?;
                 return Ok(true);
             }
@@ -343,7 +355,10 @@ impl<'m> Runner<'_, 'm> {
             Convert::NhsNumber => match nhs::normalise_nhs_number(&text) {
                 Some(n) if nhs::is_valid_nhs_number(&n) => Some(Value::String(n)),
                 _ => {
-                    warn(&mut self.warnings, "an NHS number fails the modulus 11 check");
+                    warn(
+                        &mut self.warnings,
+                        "an NHS number fails the modulus 11 check",
+                    );
                     None
                 }
             },
@@ -383,8 +398,8 @@ impl<'m> Runner<'_, 'm> {
                     present == *e
                 }
                 Test::Equals(x) => v.as_deref() == Some(x.as_str()),
-                Test::In(xs) => v.is_some_and(|v| xs.iter().any(|x| *x == v)),
-                Test::NotIn(xs) => v.is_none_or(|v| !xs.iter().any(|x| *x == v)),
+                Test::In(xs) => v.is_some_and(|v| xs.contains(&v)),
+                Test::NotIn(xs) => v.is_none_or(|v| !xs.contains(&v)),
                 Test::NhsNumber { valid } => {
                     let ok = v
                         .and_then(|v| nhs::normalise_nhs_number(&v))
@@ -405,7 +420,7 @@ impl<'m> Runner<'_, 'm> {
     fn segment(&self, name: &str, cur: &Cursor<'m>) -> Option<&'m Segment> {
         match cur.seg {
             Some(s) if s.name() == name => Some(s),
-            _ => self.msg.segments_named(name).next(),
+            _ => self.msg.segments().iter().find(|s| s.name() == name),
         }
     }
 
@@ -431,9 +446,10 @@ impl<'m> Runner<'_, 'm> {
                     RepSelect::Filter { component, values } => all
                         .into_iter()
                         .filter(|r| {
-                            let c = component_of(r, seps.component, seps.subcomponent, *component, 1);
+                            let c =
+                                component_of(r, seps.component, seps.subcomponent, *component, 1);
                             let c = decode_escapes(c, seps, self.cx.encoding);
-                            values.iter().any(|v| *v == c)
+                            values.contains(&c)
                         })
                         .collect(),
                 }
@@ -457,7 +473,10 @@ impl<'m> Runner<'_, 'm> {
                 // MSH-1 and MSH-2 are the separators themselves: never split them.
                 if segment == "MSH" && *field <= 2 {
                     let seg = self.segment(segment, cur)?;
-                    return seg.field_raw(*field).map(str::to_string).filter(|s| !s.is_empty());
+                    return seg
+                        .field_raw(*field)
+                        .map(str::to_string)
+                        .filter(|s| !s.is_empty());
                 }
                 let first = self.reps(p, cur).into_iter().next()?;
                 (first, component.unwrap_or(1), sub.unwrap_or(1))
@@ -469,7 +488,11 @@ impl<'m> Runner<'_, 'm> {
             return None;
         }
         let text = decode_escapes(raw, seps, self.cx.encoding);
-        if text.trim().is_empty() { None } else { Some(text) }
+        if text.trim().is_empty() {
+            None
+        } else {
+            Some(text)
+        }
     }
 }
 
@@ -508,7 +531,13 @@ fn set_path(
         let next = match (step.index, slot) {
             (Index::None, Value::Object(m)) => m,
             (Index::None, _) => {
-                return Err(conflict(rule, format!("`{}` is a list here: give an index such as `{}[0]`", step.name, step.name)));
+                return Err(conflict(
+                    rule,
+                    format!(
+                        "`{}` is a list here: give an index such as `{}[0]`",
+                        step.name, step.name
+                    ),
+                ));
             }
             (idx, Value::Array(a)) => {
                 let i = match idx {
@@ -518,18 +547,33 @@ fn set_path(
                     Index::None => 0,
                 };
                 if i > a.len() {
-                    return Err(conflict(rule, format!("`{}[{i}]` would skip elements (the list has {})", step.name, a.len())));
+                    return Err(conflict(
+                        rule,
+                        format!(
+                            "`{}[{i}]` would skip elements (the list has {})",
+                            step.name,
+                            a.len()
+                        ),
+                    ));
                 }
                 if i == a.len() {
                     a.push(Value::Object(Map::new()));
                 }
                 match a.get_mut(i) {
                     Some(Value::Object(m)) => m,
-                    _ => return Err(conflict(rule, format!("`{}[{i}]` holds a value, not an element", step.name))),
+                    _ => {
+                        return Err(conflict(
+                            rule,
+                            format!("`{}[{i}]` holds a value, not an element", step.name),
+                        ));
+                    }
                 }
             }
             (_, _) => {
-                return Err(conflict(rule, format!("`{}` is a single element here, not a list", step.name)));
+                return Err(conflict(
+                    rule,
+                    format!("`{}` is a single element here, not a list", step.name),
+                ));
             }
         };
         here = next;
@@ -543,7 +587,10 @@ fn set_path(
                 .entry(last.name.clone())
                 .or_insert_with(|| Value::Array(Vec::new()));
             let Value::Array(a) = slot else {
-                return Err(conflict(rule, format!("`{}` is a single element here, not a list", last.name)));
+                return Err(conflict(
+                    rule,
+                    format!("`{}` is a single element here, not a list", last.name),
+                ));
             };
             let i = match idx {
                 Index::At(n) => n,
@@ -552,7 +599,14 @@ fn set_path(
                 Index::None => 0,
             };
             if i > a.len() {
-                return Err(conflict(rule, format!("`{}[{i}]` would skip elements (the list has {})", last.name, a.len())));
+                return Err(conflict(
+                    rule,
+                    format!(
+                        "`{}[{i}]` would skip elements (the list has {})",
+                        last.name,
+                        a.len()
+                    ),
+                ));
             }
             if i == a.len() {
                 a.push(value);

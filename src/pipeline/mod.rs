@@ -59,11 +59,7 @@ impl Processor {
     pub fn new(mappings: Arc<MappingSet>, site: SiteConfig) -> Result<Processor, String> {
         let tz = jiff::tz::TimeZone::get(&site.timezone)
             .map_err(|e| format!("site.timezone {:?}: {e}", site.timezone))?;
-        Ok(Processor {
-            mappings,
-            site,
-            tz,
-        })
+        Ok(Processor { mappings, site, tz })
     }
 
     /// Decodes, parses, maps, assembles and validates one message.
@@ -147,7 +143,10 @@ pub async fn run_mapper(
     match outbox.pending_for_mapping() {
         Ok(pending) => {
             if !pending.is_empty() {
-                info!(count = pending.len(), "resuming messages stored before the last stop");
+                info!(
+                    count = pending.len(),
+                    "resuming messages stored before the last stop"
+                );
             }
             for id in pending {
                 while running.len() >= parallel {
@@ -211,8 +210,7 @@ impl Worker {
             .unwrap_or_else(|_| jiff::Timestamp::now());
         let me = self.clone();
         let result = tokio::task::spawn_blocking(move || {
-            me.processor
-                .signed_bytes(&raw, &feed, received_at, &me.key)
+            me.processor.signed_bytes(&raw, &feed, received_at, &me.key)
         })
         .await;
         let control_id = &record.meta.control_id;
@@ -237,7 +235,10 @@ impl Worker {
                 error!(record = id.0, control_id, error = %join, "mapping task failed");
                 let _ = self
                     .writer
-                    .quarantine(id, "internal error while mapping (see the appliance log)".into())
+                    .quarantine(
+                        id,
+                        "internal error while mapping (see the appliance log)".into(),
+                    )
                     .await;
             }
         }

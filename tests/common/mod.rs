@@ -43,7 +43,11 @@ pub fn wait_port(port: u16, timeout: Duration) {
 }
 
 fn find_mosquitto() -> PathBuf {
-    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"] {
+    for p in [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ] {
         if Path::new(p).exists() {
             return PathBuf::from(p);
         }
@@ -130,7 +134,19 @@ impl Subscriber {
     pub fn start(port: u16, filter: &str) -> Subscriber {
         let probe = format!("hl7-edge-test-probe/{}", free_port());
         let mut child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-t", &probe, "-v", "-q", "1"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-t",
+                filter,
+                "-t",
+                &probe,
+                "-v",
+                "-q",
+                "1",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -153,7 +169,18 @@ impl Subscriber {
         });
         wait_for("the MQTT subscription", Duration::from_secs(15), || {
             let _ = Command::new("mosquitto_pub")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", &probe, "-m", "probe", "-q", "1"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-t",
+                    &probe,
+                    "-m",
+                    "probe",
+                    "-q",
+                    "1",
+                ])
                 .status();
             probe_rx.recv_timeout(Duration::from_millis(200)).ok()
         });
@@ -168,7 +195,10 @@ impl Subscriber {
             let left = end.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
                 Ok(m) => got.push(m),
-                Err(_) => panic!("expected {n} MQTT messages within {timeout:?}, got {}", got.len()),
+                Err(_) => panic!(
+                    "expected {n} MQTT messages within {timeout:?}, got {}",
+                    got.len()
+                ),
             }
         }
         got
@@ -178,7 +208,10 @@ impl Subscriber {
     pub fn drain_for(&self, d: Duration) -> Vec<(String, String)> {
         let end = Instant::now() + d;
         let mut got = Vec::new();
-        while let Ok(m) = self.rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        while let Ok(m) = self
+            .rx
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
             got.push(m);
         }
         got
@@ -254,7 +287,9 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
         self.log = self.dir.path().join(format!("daemon-{n}.log"));
         let log = std::fs::File::create(&self.log).expect("log file");
         let child = Command::new(BIN)
@@ -332,7 +367,9 @@ impl Daemon {
 }
 
 fn unsafe_sigterm(pid: u32) {
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
 }
 
 impl Drop for Daemon {
@@ -373,7 +410,10 @@ impl MllpClient {
         let mut byte = [0u8; 1];
         loop {
             match self.stream.read(&mut byte) {
-                Ok(0) => panic!("connection closed before a complete ACK: {:?}", String::from_utf8_lossy(&buf)),
+                Ok(0) => panic!(
+                    "connection closed before a complete ACK: {:?}",
+                    String::from_utf8_lossy(&buf)
+                ),
                 Ok(_) => {
                     buf.push(byte[0]);
                     if buf.ends_with(&[0x1c, 0x0d]) {
@@ -383,7 +423,10 @@ impl MllpClient {
                 Err(e) => panic!("no ACK: {e} (got {:?})", String::from_utf8_lossy(&buf)),
             }
         }
-        let start = buf.iter().position(|b| *b == 0x0b).expect("ACK without start block");
+        let start = buf
+            .iter()
+            .position(|b| *b == 0x0b)
+            .expect("ACK without start block");
         String::from_utf8_lossy(&buf[start + 1..buf.len() - 2]).into_owned()
     }
 }
@@ -401,7 +444,9 @@ pub fn field(ack: &str, seg: &str, n: usize) -> String {
 }
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("fixture {}: {e}", p.display()))
 }
 
@@ -413,6 +458,8 @@ pub fn corpus_dir() -> Option<PathBuf> {
 
 /// The python venv that scripts/test.sh prepares (python-hl7's `mllp_send`).
 pub fn venv_bin(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-venv/bin")
+        .join(name);
     p.exists().then_some(p)
 }
