@@ -13,8 +13,8 @@
 //! * Every level is sanitised by [`topic`]: the MQTT wildcards `+` and `#`, the separator `/`,
 //!   NUL and other control characters become `_`; an empty level becomes `_`; a level starting
 //!   with `$` (reserved for broker topics such as `$SYS`) gets its `$` replaced by `_`. A
-//!   subscriber can therefore rely on exactly four variable levels after the prefix... and on
-//!   no value ever turning into a wildcard.
+//!   subscriber can therefore rely on exactly three levels after the prefix (site, feed, type),
+//!   and no configured or received value can ever act as a wildcard or add a level.
 //!
 //! # Delivery guarantees
 //!

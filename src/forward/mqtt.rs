@@ -380,7 +380,9 @@ fn publish_packet_size(topic: &str, payload: usize) -> usize {
 pub struct Forwarder;
 
 impl Forwarder {
-    /// Validates the configuration and spawns the publishing task. The task runs until
+    /// Validates the configuration (URL, TLS files) and spawns the publishing task on the current
+    /// tokio runtime. Configuration errors are returned here, before any connection attempt;
+    /// after that the task never gives up on the broker (it logs and backs off). It runs until
     /// `shutdown` becomes `true` (or its sender is dropped), then waits up to
     /// `shutdown_grace_secs` for outstanding PUBACKs and disconnects cleanly.
     pub fn spawn(

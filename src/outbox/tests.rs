@@ -295,6 +295,7 @@ async fn group_commit_batches_concurrent_inserts() {
         ids.push(r.expect("task").expect("insert"));
     }
     let commits = outbox.commit_count() - base;
+    eprintln!("group commit: 200 inserts in {commits} commits");
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 200, "every insert got its own id");
