@@ -10,7 +10,7 @@
 
 pub mod compile;
 pub mod fhir_model;
-// pub mod golden;
+pub mod golden;
 pub mod model;
 pub mod path;
 pub mod plan;

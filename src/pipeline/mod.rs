@@ -4,9 +4,15 @@
 //! [`run_mapper`] is the daemon's worker loop: it takes record ids from ingest (and, at start, every
 //! record still `Received` from the store: crash recovery), runs the CPU-bound work on the blocking
 //! pool, and records the result through the store writer.
+//!
+//! The mapping set can be replaced while the daemon runs ([`reload`]): each message takes the set
+//! current when its mapping starts and keeps it to the end, so a reload never splits a message
+//! between two sets and never drops one.
+
+pub mod reload;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -18,7 +24,7 @@ use crate::fhir::envelope::{self, EnvelopeInput};
 use crate::fhir::validate;
 use crate::hl7;
 use crate::ingest::adapter::FeedConfig;
-use crate::map::{MapError, MappingSet, RunContext};
+use crate::map::{Explain, Explanation, MapError, MappingSet, RunContext};
 use crate::ops::shutdown::Shutdown;
 use crate::outbox::{Outbox, RecordId, RecordState, WriterHandle};
 use crate::sign::{self, SigningKey};
@@ -46,11 +52,13 @@ pub enum ProcessError {
 pub struct Produced {
     pub bundle: Value,
     pub warnings: Vec<String>,
+    /// With [`Explain::On`]: which rule produced each element, and what no rule read.
+    pub explain: Option<Explanation>,
 }
 
 /// Bytes -> validated, unsigned Bundle.
 pub struct Processor {
-    pub mappings: Arc<MappingSet>,
+    mappings: RwLock<Arc<MappingSet>>,
     pub site: SiteConfig,
     pub tz: jiff::tz::TimeZone,
 }
@@ -59,7 +67,28 @@ impl Processor {
     pub fn new(mappings: Arc<MappingSet>, site: SiteConfig) -> Result<Processor, String> {
         let tz = jiff::tz::TimeZone::get(&site.timezone)
             .map_err(|e| format!("site.timezone {:?}: {e}", site.timezone))?;
-        Ok(Processor { mappings, site, tz })
+        Ok(Processor {
+            mappings: RwLock::new(mappings),
+            site,
+            tz,
+        })
+    }
+
+    /// The mapping set in use now.
+    pub fn mappings(&self) -> Arc<MappingSet> {
+        // A poisoned lock still holds a valid set (it is only ever replaced whole).
+        match self.mappings.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the mapping set; messages already being mapped finish with the old one.
+    pub fn replace_mappings(&self, set: Arc<MappingSet>) {
+        match self.mappings.write() {
+            Ok(mut g) => *g = set,
+            Err(p) => *p.into_inner() = set,
+        }
     }
 
     /// Decodes, parses, maps, assembles and validates one message.
@@ -69,6 +98,17 @@ impl Processor {
         feed: &FeedConfig,
         received_at: jiff::Timestamp,
     ) -> Result<Produced, ProcessError> {
+        self.bundle_explained(raw, feed, received_at, Explain::Off)
+    }
+
+    /// [`Self::bundle`], optionally recording where every element came from.
+    pub fn bundle_explained(
+        &self,
+        raw: &[u8],
+        feed: &FeedConfig,
+        received_at: jiff::Timestamp,
+        explain: Explain,
+    ) -> Result<Produced, ProcessError> {
         let (text, encoding) = hl7::decode_to_utf8(raw, feed.fallback_encoding())?;
         let msg = hl7::parse(&text)?;
         let cx = RunContext {
@@ -77,8 +117,11 @@ impl Processor {
             feed: &feed.name,
             encoding,
         };
-        let mapped = self.mappings.map(&msg, &cx, &feed.mappings)?;
+        let mut mapped = self
+            .mappings()
+            .map_explained(&msg, &cx, &feed.mappings, explain)?;
         let warnings = mapped.warnings.clone();
+        let explain = mapped.explain.take();
         let digest = ring::digest::digest(&ring::digest::SHA256, raw);
         let mut raw_sha256 = [0u8; 32];
         raw_sha256.copy_from_slice(digest.as_ref());
@@ -91,7 +134,11 @@ impl Processor {
         };
         let bundle = envelope::assemble(&input, mapped);
         validate::validate(&bundle)?;
-        Ok(Produced { bundle, warnings })
+        Ok(Produced {
+            bundle,
+            warnings,
+            explain,
+        })
     }
 
     /// [`Self::bundle`], then signs it; returns the bytes to store and forward.
@@ -105,6 +152,7 @@ impl Processor {
         let Produced {
             mut bundle,
             warnings,
+            ..
         } = self.bundle(raw, feed, received_at)?;
         let when = envelope::instant(jiff::Timestamp::now(), &self.tz);
         let who = serde_json::json!({
