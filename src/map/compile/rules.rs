@@ -729,7 +729,7 @@ impl<'a> Compiler<'a> {
                 self.diag.at(
                     file,
                     &r.set,
-                    format!("`{}` is a {}, not a Reference", r.set.value, i.type_name),
+                    format!("`{}` is of type {}, not a Reference", r.set.value, i.type_name),
                 );
             }
             let Some(resource) = self.msg.resources.iter().position(|n| *n == t.value) else {
@@ -757,7 +757,7 @@ impl<'a> Compiler<'a> {
                         file,
                         &r.set,
                         format!(
-                            "`{}` is a {} (a single value): give it a value with `from`/`value`, not `object`",
+                            "`{}` is of type {} (a single value): give it a value with `from`/`value`, not `object`",
                             r.set.value, i.type_name
                         ),
                     );
@@ -796,14 +796,14 @@ impl<'a> Compiler<'a> {
                     file,
                     m,
                     format!(
-                        "datatype map `{}` builds a {t}, but `{}` is a {}",
+                        "datatype map `{}` builds a {t}, but `{}` is of type {}",
                         m.value, r.set.value, i.type_name
                     ),
                 );
             }
             (Source::Object(rules), Convert::None)
         } else {
-            let source = self.scalar(file, &r.from, &r.join, &r.sep, &r.value, &inner)?;
+            let source = self.scalar(file, &r.from, &r.join, &r.sep, &r.value, &inner);
             let functions = self.functions(file, &r.functions);
             let default = r
                 .default
@@ -822,7 +822,7 @@ impl<'a> Compiler<'a> {
                             file,
                             l,
                             format!(
-                                "a value map gives a code, a Coding or a CodeableConcept; `{}` is a {}",
+                                "a value map gives a code, a Coding or a CodeableConcept; `{}` is of type {}",
                                 r.set.value, i.type_name
                             ),
                         );
@@ -839,6 +839,7 @@ impl<'a> Compiler<'a> {
                 lookup = Some(Lookup { map, shape });
             }
             let convert = self.convert(file, r, info, lookup)?;
+            let source = source?;
             if let (Some(i), Scalar::Value(t)) = (info, &source)
                 && !i.codes.is_empty()
                 && lookup.is_none()
@@ -905,7 +906,7 @@ impl<'a> Compiler<'a> {
                 file,
                 &r.set,
                 format!(
-                    "`{}` is a {} (a structure): set one of its elements (e.g. `{}.…`), or build it with `object:` or `map:`",
+                    "`{}` is of type {} (a structure): set one of its elements (e.g. `{}.…`), or build it with `object:` or `map:`",
                     r.set.value, i.type_name, r.set.value
                 ),
             );
@@ -1048,6 +1049,17 @@ impl<'a> Compiler<'a> {
 
     /// `$name` (a variable) or an HL7 path.
     fn operand(&mut self, file: &str, s: &Spanned<String>, sc: &Scope<'_>) -> Option<Operand> {
+        if s.value.trim().starts_with("${") {
+            self.diag.at(
+                file,
+                s,
+                format!(
+                    "`{}` is a template: `from`, `join`, `key` and `when` take HL7 paths or `$name` variables; templates belong in `value:`",
+                    s.value
+                ),
+            );
+            return None;
+        }
         if let Some(name) = s.value.trim().strip_prefix('$') {
             return match sc.vars.get(name) {
                 Some(slot) => Some(Operand::Var(*slot)),

@@ -27,7 +27,7 @@ pub fn resolve(base: &str, path: &TargetPath) -> Result<TargetInfo, String> {
     for (i, step) in steps.iter().enumerate() {
         if here.kind == Kind::Primitive {
             return Err(format!(
-                "`{shown}` is a {} (a single value); it has no element `{}`",
+                "`{shown}` is of type {} (a single value); it has no element `{}`",
                 here.name, step.name
             ));
         }
