@@ -222,7 +222,10 @@ fn explain_text(x: &map::Explanation, bundle: &serde_json::Value) -> String {
         }
     }
     if x.unused_segments.is_empty() && x.unused_fields.is_empty() {
-        let _ = writeln!(out, "every segment and field of the message was read by a rule");
+        let _ = writeln!(
+            out,
+            "every segment and field of the message was read by a rule"
+        );
     } else {
         let _ = writeln!(out, "not read by any rule:");
         for (seg, line) in &x.unused_segments {
@@ -287,7 +290,10 @@ fn cmd_test_mappings(
                 map::golden::normalise(&mut p.bundle);
                 map::golden::render(&p.bundle)
             }
-            Err(e) => format!("{{\n  \"error\": {}\n}}\n", serde_json::to_string(&e.to_string())?),
+            Err(e) => format!(
+                "{{\n  \"error\": {}\n}}\n",
+                serde_json::to_string(&e.to_string())?
+            ),
         };
         let expected = std::fs::read_to_string(&case.expected).ok();
         if expected.as_deref() == Some(actual.as_str()) {
@@ -313,7 +319,10 @@ fn cmd_test_mappings(
             }
         }
     }
-    println!("{passed} passed, {failed} failed, {written} updated ({} cases)", cases.len());
+    println!(
+        "{passed} passed, {failed} failed, {written} updated ({} cases)",
+        cases.len()
+    );
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {

@@ -128,14 +128,21 @@ fn golden_tests_pass_then_fail_with_a_readable_diff_then_update() {
         text(&out.stdout),
         text(&out.stderr)
     );
-    assert!(text(&out.stdout).contains("0 failed"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("0 failed"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // An author changes a mapping: the golden test shows exactly what changed.
     let adt = maps.join("messages/adt.yaml");
     let yaml = std::fs::read_to_string(&adt).expect("read");
     std::fs::write(
         &adt,
-        yaml.replace("- { set: use, value: usual }", "- { set: use, value: secondary }"),
+        yaml.replace(
+            "- { set: use, value: usual }",
+            "- { set: use, value: secondary }",
+        ),
     )
     .expect("write");
     let out = hl7_edge(&["test-mappings", "--mappings", s(&maps)], dir.path());
@@ -149,14 +156,21 @@ fn golden_tests_pass_then_fail_with_a_readable_diff_then_update() {
     };
     assert!(line(" - ", r#""use": "usual","#), "{report}");
     assert!(line(" + ", r#""use": "secondary","#), "{report}");
-    assert!(report.contains("4 failed"), "four ADT cases changed: {report}");
+    assert!(
+        report.contains("4 failed"),
+        "four ADT cases changed: {report}"
+    );
 
     let out = hl7_edge(
         &["test-mappings", "--mappings", s(&maps), "--update"],
         dir.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stdout));
-    assert!(text(&out.stdout).contains("4 updated"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("4 updated"),
+        "{}",
+        text(&out.stdout)
+    );
     let out = hl7_edge(&["test-mappings", "--mappings", s(&maps)], dir.path());
     assert!(out.status.success(), "{}", text(&out.stdout));
 }
@@ -192,7 +206,10 @@ fn explain_names_the_rule_of_each_element_and_what_was_not_read() {
     assert!(x.contains("segment PD1 (line 4)"), "{x}");
     assert!(x.contains("field PID-1 (line 3)"), "{x}");
     assert!(!x.contains("field PID-8"), "PID-8 is read: {x}");
-    assert!(!x.contains("O'BRIEN"), "no patient data in the explanation: {x}");
+    assert!(
+        !x.contains("O'BRIEN"),
+        "no patient data in the explanation: {x}"
+    );
 }
 
 #[test]
@@ -284,9 +301,11 @@ overlays:
     assert!(ids.iter().any(|i| i["assigner"]["display"] == "RRV"), "{p}");
     let gp = resource(&b, "Organization");
     assert!(
-        b["entry"].as_array().expect("e").iter().any(|e| e["resource"]
-            ["identifier"][0]["value"]
-            == "F83004"),
+        b["entry"]
+            .as_array()
+            .expect("e")
+            .iter()
+            .any(|e| e["resource"]["identifier"][0]["value"] == "F83004"),
         "the added GP practice: {gp}"
     );
 

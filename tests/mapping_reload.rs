@@ -97,7 +97,10 @@ fn sighup_reloads_mappings_and_a_broken_set_leaves_the_running_one_in_place() {
     let sub = Subscriber::start(broker.port, "hl7-edge/#");
     let dir = tempfile::tempdir().expect("tmp");
     let maps = dir.path().join("mappings");
-    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"), &maps);
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"),
+        &maps,
+    );
     let adapters = dir.path().join("adapters");
     std::fs::create_dir_all(&adapters).expect("mkdir");
     let port = free_port();
@@ -178,5 +181,8 @@ fn sighup_reloads_mappings_and_a_broken_set_leaves_the_running_one_in_place() {
     assert_eq!(field(&ack, "MSA", 1), "AA", "{ack}");
     sub.take(1, Duration::from_secs(20));
     assert!(sub.drain_for(Duration::from_millis(500)).is_empty());
-    assert!(!d.log_text().contains("O'BRIEN"), "no patient data in the log");
+    assert!(
+        !d.log_text().contains("O'BRIEN"),
+        "no patient data in the log"
+    );
 }

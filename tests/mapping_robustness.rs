@@ -28,14 +28,23 @@ impl Rng {
         x
     }
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
     }
 }
 
 fn seeds() -> Vec<Vec<u8>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files: Vec<PathBuf> = Vec::new();
-    for dir in ["tests/fixtures", "mappings/tests/adt", "mappings/tests/datatypes", "mappings/tests/oru"] {
+    for dir in [
+        "tests/fixtures",
+        "mappings/tests/adt",
+        "mappings/tests/datatypes",
+        "mappings/tests/oru",
+    ] {
         if let Ok(rd) = std::fs::read_dir(root.join(dir)) {
             files.extend(
                 rd.filter_map(|e| e.ok().map(|e| e.path()))
@@ -45,15 +54,47 @@ fn seeds() -> Vec<Vec<u8>> {
     }
     files.sort();
     let seeds: Vec<Vec<u8>> = files.iter().filter_map(|f| std::fs::read(f).ok()).collect();
-    assert!(seeds.len() >= 5, "the fixtures are the seeds: found {}", seeds.len());
+    assert!(
+        seeds.len() >= 5,
+        "the fixtures are the seeds: found {}",
+        seeds.len()
+    );
     seeds
 }
 
 const PIECES: &[&[u8]] = &[
-    b"|", b"^", b"~", b"\\", b"&", b"\r", b"\n", b"\"\"", b"\\X41\\", b"\\F\\", b"\\.br\\", b"\\X",
-    b"\xff\xfe", b"\xc3", b"00000000000000000000", b"-", b"<", b"9449305552", b"ORU^R01",
-    b"ADT^A03^ADT_A02", b"ZDT^Z01", b"20261025013000", b"202603290130", b"NM", b"SN", b"CWE",
-    b"OBX|1|SN|X||^1^:^0", b"OBR|9", b"SPM|1", b"NTE|1||x", b"ORC|RE", b"PV1|1|I|",
+    b"|",
+    b"^",
+    b"~",
+    b"\\",
+    b"&",
+    b"\r",
+    b"\n",
+    b"\"\"",
+    b"\\X41\\",
+    b"\\F\\",
+    b"\\.br\\",
+    b"\\X",
+    b"\xff\xfe",
+    b"\xc3",
+    b"00000000000000000000",
+    b"-",
+    b"<",
+    b"9449305552",
+    b"ORU^R01",
+    b"ADT^A03^ADT_A02",
+    b"ZDT^Z01",
+    b"20261025013000",
+    b"202603290130",
+    b"NM",
+    b"SN",
+    b"CWE",
+    b"OBX|1|SN|X||^1^:^0",
+    b"OBR|9",
+    b"SPM|1",
+    b"NTE|1||x",
+    b"ORC|RE",
+    b"PV1|1|I|",
 ];
 
 fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
@@ -121,7 +162,8 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                 // Re-route the message to another mapping.
                 if let Some(msh) = segs.first_mut() {
                     let text = String::from_utf8_lossy(msh).into_owned();
-                    let to = ["ORU^R01^ORU_R01", "ADT^A01^ADT_A01", "ZDT^Z01", "ADT^A08"][rng.below(4)];
+                    let to =
+                        ["ORU^R01^ORU_R01", "ADT^A01^ADT_A01", "ZDT^Z01", "ADT^A08"][rng.below(4)];
                     let mut fields: Vec<String> = text.split('|').map(str::to_string).collect();
                     if fields.len() > 8 {
                         fields[8] = to.to_string();
@@ -167,7 +209,11 @@ fn no_message_makes_the_mapping_engine_panic() {
     for round in 0..rounds {
         let seed = &seeds[round % seeds.len()];
         let msg = mutate(&mut rng, seed);
-        let explain = if round % 4 == 0 { Explain::On } else { Explain::Off };
+        let explain = if round % 4 == 0 {
+            Explain::On
+        } else {
+            Explain::Off
+        };
         let res = catch_unwind(AssertUnwindSafe(|| {
             processor.bundle_explained(&msg, feed, received, explain)
         }));

@@ -373,7 +373,12 @@ mod tests {
         assert!(matches!(
             Hl7Path::parse("PID-3[CX.4.1!=RRV]").unwrap(),
             Hl7Path::Absolute {
-                rep: RepSelect::Filter { component: 4, sub: 1, negate: true, .. },
+                rep: RepSelect::Filter {
+                    component: 4,
+                    sub: 1,
+                    negate: true,
+                    ..
+                },
                 ..
             }
         ));
@@ -381,7 +386,14 @@ mod tests {
             Hl7Path::parse("OBX[2]-5").unwrap(),
             Hl7Path::Absolute { occurrence: 2, .. }
         ));
-        for p in ["OBX[2]-5.1", "PID-3[4.1!=A,B].1", "PID-3[*]", ".1.2", "PV1", "PID-11[2].5"] {
+        for p in [
+            "OBX[2]-5.1",
+            "PID-3[4.1!=A,B].1",
+            "PID-3[*]",
+            ".1.2",
+            "PV1",
+            "PID-11[2].5",
+        ] {
             assert_eq!(Hl7Path::parse(p).unwrap().to_string(), p);
         }
         for bad in [

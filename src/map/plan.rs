@@ -154,6 +154,8 @@ pub struct RulePlan {
     pub for_each: Option<Iter>,
     pub when: Option<Cond>,
     pub convert: Convert,
+    /// `always: true`: an object is kept even if no message value landed in it.
+    pub always: bool,
     /// `file:line:column` of the rule, for `--explain` and runtime errors.
     pub origin: Arc<str>,
 }
@@ -172,7 +174,10 @@ pub enum Source {
     Scalar(ValueSpec),
     /// A reference to the resource at this index; `all` expands to one element per matching
     /// instance (the target ends in `[+]`).
-    Ref { resource: usize, all: bool },
+    Ref {
+        resource: usize,
+        all: bool,
+    },
     Object(Arc<Vec<RulePlan>>),
 }
 
@@ -208,7 +213,9 @@ pub enum Test {
     In(Vec<String>),
     NotIn(Vec<String>),
     StartsWith(String),
-    NhsNumber { valid: bool },
+    NhsNumber {
+        valid: bool,
+    },
     /// The value has an entry in the value map at this index.
     InMap(usize),
 }

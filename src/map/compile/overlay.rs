@@ -15,14 +15,10 @@ use crate::map::model::{Overlay, Rule};
 
 pub(crate) fn apply(defs: &mut Defs, o: &Overlay, diag: &mut Diag) {
     let file = o.file.clone();
-    let named = [
-        o.message.as_ref(),
-        o.datatype.as_ref(),
-        o.valuemap.as_ref(),
-    ]
-    .iter()
-    .filter(|x| x.is_some())
-    .count();
+    let named = [o.message.as_ref(), o.datatype.as_ref(), o.valuemap.as_ref()]
+        .iter()
+        .filter(|x| x.is_some())
+        .count();
     if named != 1 {
         diag.whole(
             &file,
@@ -37,7 +33,10 @@ pub(crate) fn apply(defs: &mut Defs, o: &Overlay, diag: &mut Diag) {
             diag.at(
                 &file,
                 name,
-                format!("overlay of an unknown message mapping `{}`{hint}", name.value),
+                format!(
+                    "overlay of an unknown message mapping `{}`{hint}",
+                    name.value
+                ),
             );
             return;
         };
@@ -101,8 +100,7 @@ pub(crate) fn apply(defs: &mut Defs, o: &Overlay, diag: &mut Diag) {
             let before = m.resources.len();
             m.resources.retain(|r| r.name.value != rm.value);
             if m.resources.len() == before {
-                let names: Vec<String> =
-                    m.resources.iter().map(|r| r.name.value.clone()).collect();
+                let names: Vec<String> = m.resources.iter().map(|r| r.name.value.clone()).collect();
                 let hint = suggest(&rm.value, &names);
                 diag.at(
                     &file,

@@ -44,8 +44,10 @@ pub(crate) struct Compiler<'a> {
     vm_index: &'a HashMap<String, usize>,
     site: Option<&'a SiteConfig>,
     diag: &'a mut Diag,
-    /// Compiled datatype maps; `None` while one is being compiled (to catch self-use).
+    /// Compiled datatype maps (`None`: it has errors).
     datatypes: HashMap<String, Option<(&'static str, Arc<Vec<RulePlan>>)>>,
+    /// Datatype maps being compiled now, to catch a map that uses itself.
+    compiling: HashSet<String>,
     keys: HashMap<String, u32>,
     msg: MsgCtx,
 }
@@ -65,6 +67,7 @@ impl<'a> Compiler<'a> {
             site,
             diag,
             datatypes: HashMap::new(),
+            compiling: HashSet::new(),
             keys: HashMap::new(),
             msg: MsgCtx::default(),
         }
@@ -77,14 +80,14 @@ impl<'a> Compiler<'a> {
 
     /// Compiles (once) the datatype map `name`: its FHIR type and rules.
     pub fn datatype(&mut self, name: &str) -> Option<(&'static str, Arc<Vec<RulePlan>>)> {
-        match self.datatypes.get(name) {
-            Some(Some(done)) => return Some(done.clone()),
-            Some(None) => return None,
-            None => {}
+        if let Some(done) = self.datatypes.get(name) {
+            return done.clone();
         }
         let defs = self.defs;
         let d: &DatatypeMap = defs.datatypes.get(name)?;
-        self.datatypes.insert(name.to_string(), None);
+        if !self.compiling.insert(name.to_string()) {
+            return None;
+        }
         let m = model();
         let fhir_type = match m.get(&d.fhir_type.value) {
             Some(t) if t.kind != Kind::Primitive => Some(t.name),
@@ -124,6 +127,7 @@ impl<'a> Compiler<'a> {
         };
         let rules = Arc::new(self.rules(&d.rules, &sc));
         let done = fhir_type.map(|t| (t, rules));
+        self.compiling.remove(name);
         self.datatypes.insert(name.to_string(), done.clone());
         done
     }
@@ -141,8 +145,10 @@ impl<'a> Compiler<'a> {
             }
         }
         if m.matches.is_empty() {
-            self.diag
-                .whole(file, format!("message mapping `{name}` has an empty `match` list"));
+            self.diag.whole(
+                file,
+                format!("message mapping `{name}` has an empty `match` list"),
+            );
         }
         let mut versions = Vec::new();
         for v in &m.versions {
@@ -280,7 +286,10 @@ impl<'a> Compiler<'a> {
                     diag.at(
                         file,
                         s,
-                        format!("`{}` is not a segment name (3 capitals/digits such as `OBX`)", s.value),
+                        format!(
+                            "`{}` is not a segment name (3 capitals/digits such as `OBX`)",
+                            s.value
+                        ),
                     );
                     String::new()
                 }
@@ -324,7 +333,10 @@ impl<'a> Compiler<'a> {
                 if !seen.insert(g) {
                     self.diag.whole(
                         file,
-                        format!("group `{}` is nested in itself (a cycle of `in:`)", self.msg.groups[i].name),
+                        format!(
+                            "group `{}` is nested in itself (a cycle of `in:`)",
+                            self.msg.groups[i].name
+                        ),
                     );
                     for g in &mut self.msg.groups {
                         g.parent = None;
@@ -398,7 +410,10 @@ impl<'a> Compiler<'a> {
             self.diag.at(
                 file,
                 &r.resource_type,
-                format!("`{}` is not a FHIR R4 resource type{hint}", r.resource_type.value),
+                format!(
+                    "`{}` is not a FHIR R4 resource type{hint}",
+                    r.resource_type.value
+                ),
             );
             None
         };
@@ -542,9 +557,9 @@ impl<'a> Compiler<'a> {
         let mut done: HashSet<usize> = HashSet::new();
         let mut out = Vec::new();
         while !pending.is_empty() {
-            let ready = pending.iter().position(|(_, deps)| {
-                deps.iter().all(|d| done.contains(d) || !mine.contains(d))
-            });
+            let ready = pending
+                .iter()
+                .position(|(_, deps)| deps.iter().all(|d| done.contains(d) || !mine.contains(d)));
             match ready {
                 Some(i) => {
                     let (p, _) = pending.remove(i);
@@ -555,7 +570,10 @@ impl<'a> Compiler<'a> {
                     let stuck: Vec<&str> = pending
                         .iter()
                         .filter_map(|(p, _)| {
-                            names.iter().find(|(_, s)| **s == p.slot).map(|(n, _)| n.as_str())
+                            names
+                                .iter()
+                                .find(|(_, s)| **s == p.slot)
+                                .map(|(n, _)| n.as_str())
                         })
                         .collect();
                     self.diag.whole(
@@ -632,12 +650,9 @@ impl<'a> Compiler<'a> {
                 .at(file, m, format!("unknown datatype map `{}`{hint}", m.value));
             return None;
         }
-        if matches!(self.datatypes.get(&m.value), Some(None)) {
-            self.diag.at(
-                file,
-                m,
-                format!("datatype map `{}` uses itself", m.value),
-            );
+        if self.compiling.contains(&m.value) {
+            self.diag
+                .at(file, m, format!("datatype map `{}` uses itself", m.value));
             return None;
         }
         self.datatype(&m.value)
@@ -653,7 +668,8 @@ impl<'a> Compiler<'a> {
         let target = match TargetPath::parse(&r.set.value) {
             Ok(t) => Some(t),
             Err(e) => {
-                self.diag.at(file, &r.set, format!("invalid target path {e}"));
+                self.diag
+                    .at(file, &r.set, format!("invalid target path {e}"));
                 None
             }
         };
@@ -729,7 +745,10 @@ impl<'a> Compiler<'a> {
                 self.diag.at(
                     file,
                     &r.set,
-                    format!("`{}` is of type {}, not a Reference", r.set.value, i.type_name),
+                    format!(
+                        "`{}` is of type {}, not a Reference",
+                        r.set.value, i.type_name
+                    ),
                 );
             }
             let Some(resource) = self.msg.resources.iter().position(|n| *n == t.value) else {
@@ -771,7 +790,10 @@ impl<'a> Compiler<'a> {
                 depth: sc.depth + 1,
                 ..inner
             };
-            (Source::Object(Arc::new(self.rules(children, &csc))), Convert::None)
+            (
+                Source::Object(Arc::new(self.rules(children, &csc))),
+                Convert::None,
+            )
         } else if let Some(m) = &r.map {
             if !inner.in_rep {
                 self.diag.at(
@@ -870,12 +892,20 @@ impl<'a> Compiler<'a> {
                 convert,
             )
         };
+        if r.always && r.object.is_none() {
+            self.diag.at(
+                file,
+                &r.set,
+                "`always: true` applies to `object:` rules (values from `value:` are always set)",
+            );
+        }
         Some(RulePlan {
             target: target?,
             source,
             for_each,
             when,
             convert,
+            always: r.always,
             origin,
         })
     }
@@ -1044,7 +1074,8 @@ impl<'a> Compiler<'a> {
             ));
         }
         let v = value.as_ref()?;
-        self.template(file, v, sc.vars, sc.in_rep).map(Scalar::Value)
+        self.template(file, v, sc.vars, sc.in_rep)
+            .map(Scalar::Value)
     }
 
     /// `$name` (a variable) or an HL7 path.
@@ -1151,7 +1182,10 @@ impl<'a> Compiler<'a> {
                 self.diag.at(
                     file,
                     f,
-                    format!("`for: {}`: expected a field (`PID-3[*]`), a segment or a group", f.value),
+                    format!(
+                        "`for: {}`: expected a field (`PID-3[*]`), a segment or a group",
+                        f.value
+                    ),
                 );
                 None
             }
@@ -1293,7 +1327,9 @@ impl<'a> Compiler<'a> {
             if name.contains('-') || name.starts_with('.') {
                 let p = Hl7Path::parse(name).map_err(|e| format!("invalid HL7 path {e}"))?;
                 if matches!(p, Hl7Path::Relative { .. }) && !in_rep {
-                    return Err(format!("`${{{name}}}` is relative but this rule is not inside a repetition"));
+                    return Err(format!(
+                        "`${{{name}}}` is relative but this rule is not inside a repetition"
+                    ));
                 }
                 return Ok(TplPart::Path(p));
             }
@@ -1341,7 +1377,11 @@ fn check_site_var(var: &Var, site: Option<&SiteConfig>) -> Result<(), String> {
 }
 
 /// A template with only built-in variables (value map systems).
-pub(crate) fn template_static(file: &str, v: &Spanned<String>, diag: &mut Diag) -> Option<Template> {
+pub(crate) fn template_static(
+    file: &str,
+    v: &Spanned<String>,
+    diag: &mut Diag,
+) -> Option<Template> {
     match parse_template(&v.value, |name| {
         Var::parse(name)
             .map(TplPart::Var)
@@ -1434,7 +1474,10 @@ pub fn parse_function(s: &str) -> Result<Func, String> {
             let inner = s[i + 1..]
                 .strip_suffix(')')
                 .ok_or_else(|| format!("`{s}`: `(` without a closing `)`"))?;
-            (&s[..i], split_args(inner).map_err(|e| format!("`{s}`: {e}"))?)
+            (
+                &s[..i],
+                split_args(inner).map_err(|e| format!("`{s}`: {e}"))?,
+            )
         }
     };
     let want = |n: usize| -> Result<(), String> {
@@ -1487,11 +1530,9 @@ pub fn parse_function(s: &str) -> Result<Func, String> {
         }
         "split" => {
             want(2)?;
-            let n: i64 = arg(1)
-                .parse()
-                .ok()
-                .filter(|n| *n != 0)
-                .ok_or_else(|| format!("`{s}`: the part number counts from 1 (or from -1 at the end)"))?;
+            let n: i64 = arg(1).parse().ok().filter(|n| *n != 0).ok_or_else(|| {
+                format!("`{s}`: the part number counts from 1 (or from -1 at the end)")
+            })?;
             if arg(0).is_empty() {
                 return Err(format!("`{s}`: the separator is empty"));
             }

@@ -70,7 +70,10 @@ pub(crate) fn compile_all(
         if entries.is_empty() {
             diag.whole(file, format!("value map `{name}` has no entries"));
         }
-        let system = vm.system.as_ref().and_then(|s| template_static(file, s, diag));
+        let system = vm
+            .system
+            .as_ref()
+            .and_then(|s| template_static(file, s, diag));
         let source_system = vm
             .source_system
             .as_ref()
@@ -119,7 +122,10 @@ pub fn parse_csv(text: &str) -> Result<Vec<(usize, Vec<String>)>, String> {
         let fields = split_csv_line(line).map_err(|e| format!("line {line_no}: {e}"))?;
         if !header_seen {
             header_seen = true;
-            let h: Vec<String> = fields.iter().map(|f| f.trim().to_ascii_lowercase()).collect();
+            let h: Vec<String> = fields
+                .iter()
+                .map(|f| f.trim().to_ascii_lowercase())
+                .collect();
             if h.first().map(String::as_str) != Some("source")
                 || h.get(1).map(String::as_str) != Some("target")
             {
@@ -129,7 +135,10 @@ pub fn parse_csv(text: &str) -> Result<Vec<(usize, Vec<String>)>, String> {
             }
             continue;
         }
-        rows.push((line_no, fields.into_iter().map(|f| f.trim().to_string()).collect()));
+        rows.push((
+            line_no,
+            fields.into_iter().map(|f| f.trim().to_string()).collect(),
+        ));
     }
     Ok(rows)
 }
@@ -176,8 +185,9 @@ mod tests {
 
     #[test]
     fn csv_with_quotes_and_header() {
-        let rows = parse_csv("source,target,display\nM,male,\"Male, adult\"\n# note\n\"A\"\"B\",x\n")
-            .expect("csv");
+        let rows =
+            parse_csv("source,target,display\nM,male,\"Male, adult\"\n# note\n\"A\"\"B\",x\n")
+                .expect("csv");
         assert_eq!(rows[0].1, ["M", "male", "Male, adult"]);
         assert_eq!(rows[1].1, ["A\"B", "x"]);
         assert!(parse_csv("code,target\nA,B\n").is_err());

@@ -17,7 +17,9 @@ pub(super) fn apply(f: &Func, text: String, cx: &RunContext<'_>, plan: &Plan) ->
             let i = if *n > 0 {
                 usize::try_from(*n - 1).ok()?
             } else {
-                parts.len().checked_sub(usize::try_from(n.unsigned_abs()).ok()?)?
+                parts
+                    .len()
+                    .checked_sub(usize::try_from(n.unsigned_abs()).ok()?)?
             };
             parts.get(i)?.to_string()
         }

@@ -89,13 +89,14 @@ impl<'m> Runner<'_, 'm> {
             Source::Object(children) => {
                 let mark = self.trace.as_ref().map(|t| t.elements.len());
                 let mut child = Map::new();
-                if !self.rules(children, cur, &mut child)? {
+                let from_message = self.rules(children, cur, &mut child)?;
+                if !from_message && !rule.always {
                     if let (Some(t), Some(m)) = (&mut self.trace, mark) {
                         t.elements.truncate(m);
                     }
                     return Ok(false);
                 }
-                (Value::Object(child), true, mark)
+                (Value::Object(child), from_message, mark)
             }
             Source::Scalar(spec) => {
                 let Some((out, from_message)) = self.value(spec, cur, rule) else {
@@ -142,10 +143,7 @@ impl<'m> Runner<'_, 'm> {
                 }
             }
         };
-        Some(Val {
-            text,
-            from_message,
-        })
+        Some(Val { text, from_message })
     }
 
     /// Source, default and functions: the text before lookup.
@@ -196,7 +194,12 @@ impl<'m> Runner<'_, 'm> {
     }
 
     /// The full value of a scalar rule: text, or an element built by a value map.
-    fn value(&mut self, spec: &ValueSpec, cur: &Cursor<'_>, rule: &RulePlan) -> Option<(Out, bool)> {
+    fn value(
+        &mut self,
+        spec: &ValueSpec,
+        cur: &Cursor<'_>,
+        rule: &RulePlan,
+    ) -> Option<(Out, bool)> {
         let (text, from_message) = self.raw_value(spec, cur)?;
         let Some(l) = spec.lookup else {
             return Some((Out::Text(text), from_message));
@@ -317,7 +320,10 @@ impl<'m> Runner<'_, 'm> {
     pub(super) fn operand(&mut self, o: &Operand, cur: &Cursor<'_>) -> Option<String> {
         match o {
             Operand::Path(p) => self.scalar(p, cur),
-            Operand::Var(slot) => self.vars.get(*slot).and_then(|v| v.as_ref().map(|v| v.text.clone())),
+            Operand::Var(slot) => self
+                .vars
+                .get(*slot)
+                .and_then(|v| v.as_ref().map(|v| v.text.clone())),
         }
     }
 
@@ -414,7 +420,13 @@ impl<'m> Runner<'_, 'm> {
                         negate,
                     } => all
                         .filter(|(_, r)| {
-                            let c = component_of(r, seps.component, seps.subcomponent, *component, *sub);
+                            let c = component_of(
+                                r,
+                                seps.component,
+                                seps.subcomponent,
+                                *component,
+                                *sub,
+                            );
                             let c = decode_escapes(c, seps, self.cx.encoding);
                             values.contains(&c) != *negate
                         })
@@ -423,6 +435,46 @@ impl<'m> Runner<'_, 'm> {
                 }
             }
             Hl7Path::Absolute { field: None, .. } => Vec::new(),
+        }
+    }
+
+    /// The first repetition an absolute field path selects (the hot path of every read: no
+    /// allocation).
+    fn first_rep(&mut self, p: &Hl7Path, cur: &Cursor<'_>) -> Option<&'m str> {
+        let Hl7Path::Absolute {
+            segment,
+            occurrence,
+            field: Some(field),
+            rep,
+            ..
+        } = p
+        else {
+            return None;
+        };
+        let si = self.find_segment(segment, *occurrence, cur)?;
+        if let Some(t) = &mut self.trace {
+            t.used.insert((si, *field));
+        }
+        let msg: &'m crate::hl7::Message = self.msg;
+        let seps = msg.separators();
+        let raw = msg.segments().get(si)?.field_raw(*field)?;
+        if raw.is_empty() {
+            return None;
+        }
+        let mut all = raw.split(seps.repetition);
+        match rep {
+            RepSelect::First | RepSelect::All => all.next(),
+            RepSelect::Index(n) => all.nth(n.saturating_sub(1)),
+            RepSelect::Filter {
+                component,
+                sub,
+                values,
+                negate,
+            } => all.find(|r| {
+                let c = component_of(r, seps.component, seps.subcomponent, *component, *sub);
+                let c = decode_escapes(c, seps, self.cx.encoding);
+                values.contains(&c) != *negate
+            }),
         }
     }
 
@@ -453,7 +505,7 @@ impl<'m> Runner<'_, 'm> {
                         .map(str::to_string)
                         .filter(|s| !s.is_empty());
                 }
-                let (_, _, first) = self.reps(p, cur).into_iter().next()?;
+                let first = self.first_rep(p, cur)?;
                 (first, component.unwrap_or(1), sub.unwrap_or(1))
             }
             Hl7Path::Absolute { field: None, .. } => return None,

@@ -120,6 +120,8 @@ pub(crate) struct Runner<'a, 'm> {
     vars: Vec<Option<Val>>,
     pending: Vec<PendingRef>,
     trace: Option<Trace>,
+    /// `meta.source` of every resource (formatted once per message).
+    appliance_uri: String,
 }
 
 struct Built {
@@ -146,6 +148,7 @@ pub fn run(
         vars: vec![None; mp.var_slots],
         pending: Vec::new(),
         trace: (explain == Explain::On).then(Trace::default),
+        appliance_uri: cx.site.appliance_uri(),
     };
     let root = Cursor {
         groups: &[],
@@ -209,7 +212,11 @@ pub fn run(
                 .iter()
                 .filter(|(i, s, _)| *i == p.resource && compatible(&p.scope, s))
                 .map(|(_, _, u)| u.as_str());
-            if p.all { it.collect() } else { it.take(1).collect() }
+            if p.all {
+                it.collect()
+            } else {
+                it.take(1).collect()
+            }
         })
         .collect();
     for b in &mut built {
@@ -222,7 +229,12 @@ pub fn run(
     }
 
     let first_of = |i: usize| built.iter().position(|b| b.plan_index == i);
-    let focus = mp.focus.iter().filter_map(|i| first_of(*i)).take(1).collect();
+    let focus = mp
+        .focus
+        .iter()
+        .filter_map(|i| first_of(*i))
+        .take(1)
+        .collect();
     let sender = mp.sender.and_then(first_of);
     let explain = r.trace.take().map(|t| r.explanation(t, &built));
     Ok(MapResult {
@@ -293,10 +305,7 @@ impl<'m> Runner<'_, 'm> {
                 a.insert(0, Value::String(p.clone()));
             }
         }
-        meta.insert(
-            "source".into(),
-            Value::String(self.cx.site.appliance_uri()),
-        );
+        meta.insert("source".into(), Value::String(self.appliance_uri.clone()));
         json.insert("meta".into(), Value::Object(meta));
         json.extend(content);
         built.push(Built {
@@ -322,8 +331,7 @@ impl<'m> Runner<'_, 'm> {
     ) -> uuid::Uuid {
         let site = self.cx.site;
         if !rp.key.is_empty() {
-            let values: Vec<Option<String>> =
-                rp.key.iter().map(|k| self.operand(k, cur)).collect();
+            let values: Vec<Option<String>> = rp.key.iter().map(|k| self.operand(k, cur)).collect();
             if values.iter().any(Option::is_some) {
                 let mut parts: Vec<&str> = vec![&site.ods_code, &rp.resource_type, "key"];
                 parts.extend(values.iter().map(|v| v.as_deref().unwrap_or("")));

@@ -66,7 +66,12 @@ impl Runner<'_, '_> {
     }
 
     /// The segment index an absolute path reads (see the module docs).
-    pub(crate) fn find_segment(&self, name: &str, occurrence: usize, cur: &Cursor<'_>) -> Option<usize> {
+    pub(crate) fn find_segment(
+        &self,
+        name: &str,
+        occurrence: usize,
+        cur: &Cursor<'_>,
+    ) -> Option<usize> {
         let segs = self.msg.segments();
         let nth = occurrence.checked_sub(1)?;
         for f in cur.groups.iter().rev() {
@@ -90,7 +95,12 @@ impl Runner<'_, '_> {
     }
 
     /// Every way to enter group `g` from `ctx`: the frames to push, outermost first.
-    pub(crate) fn expand(&self, g: usize, ctx: &[GroupFrame], depth: usize) -> Vec<Vec<GroupFrame>> {
+    pub(crate) fn expand(
+        &self,
+        g: usize,
+        ctx: &[GroupFrame],
+        depth: usize,
+    ) -> Vec<Vec<GroupFrame>> {
         let Some(plan) = self.mp.groups.get(g) else {
             return Vec::new();
         };
