@@ -171,7 +171,7 @@ pub enum Iter {
 
 #[derive(Debug)]
 pub enum Source {
-    Scalar(ValueSpec),
+    Scalar(Box<ValueSpec>),
     /// A reference to the resource at this index; `all` expands to one element per matching
     /// instance (the target ends in `[+]`).
     Ref {

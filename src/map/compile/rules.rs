@@ -18,6 +18,9 @@ use crate::map::segments;
 
 const MAX_NESTING: usize = 12;
 
+/// A compiled datatype map: the FHIR type it builds and its rules.
+type CompiledDatatype = (&'static str, Arc<Vec<RulePlan>>);
+
 /// What rules are compiled against.
 #[derive(Clone, Copy)]
 struct Scope<'s> {
@@ -45,7 +48,7 @@ pub(crate) struct Compiler<'a> {
     site: Option<&'a SiteConfig>,
     diag: &'a mut Diag,
     /// Compiled datatype maps (`None`: it has errors).
-    datatypes: HashMap<String, Option<(&'static str, Arc<Vec<RulePlan>>)>>,
+    datatypes: HashMap<String, Option<CompiledDatatype>>,
     /// Datatype maps being compiled now, to catch a map that uses itself.
     compiling: HashSet<String>,
     keys: HashMap<String, u32>,
@@ -79,7 +82,7 @@ impl<'a> Compiler<'a> {
     }
 
     /// Compiles (once) the datatype map `name`: its FHIR type and rules.
-    pub fn datatype(&mut self, name: &str) -> Option<(&'static str, Arc<Vec<RulePlan>>)> {
+    pub fn datatype(&mut self, name: &str) -> Option<CompiledDatatype> {
         if let Some(done) = self.datatypes.get(name) {
             return done.clone();
         }
@@ -638,11 +641,7 @@ impl<'a> Compiler<'a> {
         })
     }
 
-    fn datatype_by_name(
-        &mut self,
-        file: &str,
-        m: &Spanned<String>,
-    ) -> Option<(&'static str, Arc<Vec<RulePlan>>)> {
+    fn datatype_by_name(&mut self, file: &str, m: &Spanned<String>) -> Option<CompiledDatatype> {
         if !self.defs.datatypes.contains_key(&m.value) {
             let names: Vec<&String> = self.defs.datatypes.keys().collect();
             let hint = suggest(&m.value, &names);
@@ -882,13 +881,13 @@ impl<'a> Compiler<'a> {
                 );
             }
             (
-                Source::Scalar(ValueSpec {
+                Source::Scalar(Box::new(ValueSpec {
                     source,
                     functions,
                     lookup,
                     default,
                     when: None,
-                }),
+                })),
                 convert,
             )
         };
