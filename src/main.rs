@@ -276,21 +276,30 @@ async fn daemon(config: Config) -> Result<()> {
     let (trigger, shutdown) = shutdown::channel();
     let (ids_tx, ids_rx) = tokio::sync::mpsc::unbounded_channel();
 
+    let processor = Arc::new(
+        Processor::new(Arc::new(mappings), config.site.clone()).map_err(anyhow::Error::msg)?,
+    );
+    // Ingest refuses messages while the state directory's disk is nearly full.
+    let disk = Arc::new(hl7_edge::ingest::disk::DiskGuard::new(
+        config.state_dir.clone(),
+        config.outbox.min_free_disk_bytes,
+    ));
     let mut feed_map = HashMap::new();
     let mut listeners = Vec::new();
     for feed in feeds {
         let feed = Arc::new(feed);
         feed_map.insert(feed.name.clone(), feed.clone());
-        let intake = Arc::new(Intake::new(feed.clone(), writer.clone(), ids_tx.clone()));
+        let intake = Arc::new(
+            Intake::new(feed.clone(), writer.clone(), ids_tx.clone())
+                .with_disk_guard(disk.clone())
+                .with_check(processor.clone()),
+        );
         match &feed.transport {
             Transport::Mllp(m) => listeners.push(mllp::Listener::bind(m.clone(), intake).await?),
         }
     }
     drop(ids_tx);
 
-    let processor = Arc::new(
-        Processor::new(Arc::new(mappings), config.site.clone()).map_err(anyhow::Error::msg)?,
-    );
     let mapper = tokio::spawn(pipeline::run_mapper(
         processor,
         key,

@@ -100,6 +100,9 @@ pub struct SigningConfig {
 pub struct OutboxConfig {
     /// Refuse (negative ACK) new messages once stored, undelivered data reaches this size.
     pub max_bytes: u64,
+    /// Refuse (negative ACK, "storage full") new messages while the state directory's
+    /// filesystem has less free space than this; 0 disables the check.
+    pub min_free_disk_bytes: u64,
     /// How long the audit trail of delivered messages is kept, in days.
     pub audit_retention_days: u32,
 }
@@ -108,6 +111,7 @@ impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig {
             max_bytes: 1 << 30,
+            min_free_disk_bytes: 128 << 20,
             audit_retention_days: 30,
         }
     }

@@ -5,9 +5,12 @@
 //! returns the ACK to send. The rule that matters most lives here: **a positive ACK only after the
 //! durable commit**; anything refused gets a negative ACK with an ERR segment saying why.
 
+pub mod acl;
 pub mod adapter;
+pub mod disk;
 pub mod frame;
 pub mod intake;
 pub mod mllp;
+pub mod tls;
 
 pub use intake::Intake;

@@ -36,6 +36,11 @@
 //! with [`StoreError::Full`] so ingest answers a negative ACK: the sender keeps the message,
 //! nothing is dropped silently.
 //!
+//! # Duplicates window
+//!
+//! Two more tables hold the duplicates window of ingest (`dedup.rs`): checked and updated in
+//! the same transaction as the insert they guard ([`WriterHandle::insert_dedup`]).
+//!
 //! # Why one writer
 //!
 //! redb allows one write transaction at a time and each durable commit costs an fsync. One
@@ -45,10 +50,12 @@
 //! snapshots and never wait for the writer. Consumers learn about new work from a
 //! `tokio::sync::watch` ([`Outbox::subscribe_changes`]) instead of polling.
 
+mod dedup;
 mod error;
 mod store;
 mod writer;
 
+pub use dedup::{ConflictPolicy, DedupInsert, DedupKey, DedupOutcome, content_hash};
 pub use error::StoreError;
 pub use store::{
     AuditEntry, ListFilter, NewRecord, Outbox, OutboxLimits, OutboxStats, Record, RecordId,

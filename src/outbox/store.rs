@@ -222,10 +222,22 @@ pub struct ListFilter {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteOp {
     Insert(NewRecord),
-    SetReady { id: RecordId, bundle: Vec<u8> },
-    Quarantine { id: RecordId, reason: String },
-    MarkDelivered { id: RecordId },
-    PruneAudit { cutoff_ms: u64 },
+    SetReady {
+        id: RecordId,
+        bundle: Vec<u8>,
+    },
+    Quarantine {
+        id: RecordId,
+        reason: String,
+    },
+    MarkDelivered {
+        id: RecordId,
+    },
+    PruneAudit {
+        cutoff_ms: u64,
+    },
+    /// An insert guarded by the duplicates window (see `dedup.rs`).
+    InsertDedup(Box<super::dedup::DedupInsert>),
 }
 
 /// The successful result of one [`WriteOp`].
@@ -234,6 +246,8 @@ pub enum WriteOutcome {
     Inserted(RecordId),
     Done,
     Pruned(u64),
+    /// The result of [`WriteOp::InsertDedup`].
+    Dedup(super::dedup::DedupOutcome),
 }
 
 /// Handle to the store. Cheap to clone; all clones share one redb database.
@@ -287,6 +301,8 @@ struct Tables<'txn> {
     to_map: Table<'txn, u64, ()>,
     audit: Table<'txn, u64, &'static [u8]>,
     counters: Table<'txn, &'static str, u64>,
+    dedup: Table<'txn, &'static str, &'static [u8]>,
+    dedup_by_expiry: Table<'txn, (u64, &'static str), ()>,
 }
 
 impl Outbox {
@@ -406,6 +422,12 @@ impl Outbox {
             counters: txn
                 .open_table(COUNTERS)
                 .map_err(self.storage("open counters"))?,
+            dedup: txn
+                .open_table(super::dedup::DEDUP)
+                .map_err(self.storage("open dedup_window"))?,
+            dedup_by_expiry: txn
+                .open_table(super::dedup::DEDUP_BY_EXPIRY)
+                .map_err(self.storage("open dedup_by_expiry"))?,
         })
     }
 
@@ -655,7 +677,15 @@ impl Outbox {
             let now = now_ms();
             for op in ops {
                 let r = self.apply_one(&mut t, op, now)?;
-                changed |= matches!(r, Ok(WriteOutcome::Inserted(_) | WriteOutcome::Done));
+                changed |= matches!(
+                    r,
+                    Ok(WriteOutcome::Inserted(_)
+                        | WriteOutcome::Done
+                        | WriteOutcome::Dedup(
+                            super::dedup::DedupOutcome::Stored(_)
+                                | super::dedup::DedupOutcome::StoredConflict { .. }
+                        ))
+                );
                 results.push(r);
             }
         }
@@ -885,6 +915,21 @@ impl Outbox {
                 self.add_counter(t, C_READY, -1)?;
                 self.add_counter(t, C_DELIVERED, 1)?;
                 Ok(Ok(WriteOutcome::Done))
+            }
+            WriteOp::InsertDedup(d) => {
+                use super::dedup;
+                let seen = dedup::lookup(&t.dedup, &d.key, now)
+                    .map_err(self.storage("read dedup_window"))?;
+                if let Some(out) = dedup::short_circuit(&seen, d.on_conflict) {
+                    return Ok(Ok(WriteOutcome::Dedup(out)));
+                }
+                let inserted = self.apply_one(t, &WriteOp::Insert(d.record.clone()), now)?;
+                let Ok(WriteOutcome::Inserted(id)) = inserted else {
+                    return Ok(inserted);
+                };
+                let out = dedup::remember(&mut t.dedup, &mut t.dedup_by_expiry, d, id, &seen, now)
+                    .map_err(self.storage("write dedup_window"))?;
+                Ok(Ok(WriteOutcome::Dedup(out)))
             }
             WriteOp::PruneAudit { cutoff_ms } => {
                 let mut pruned = 0u64;
