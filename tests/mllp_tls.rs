@@ -47,9 +47,21 @@ impl Pki {
         openssl(
             &self.dir,
             &[
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem"), "-days", "2",
-                "-subj", &format!("/CN={name}"),
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name}"),
             ],
         );
     }
@@ -67,17 +79,38 @@ impl Pki {
         openssl(
             &self.dir,
             &[
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"),
-                "-subj", &format!("/CN={cn}"),
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
             ],
         );
         openssl(
             &self.dir,
             &[
-                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.pem"),
-                "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-out", &format!("{name}.pem"),
-                "-days", "2", "-extfile", &ext,
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
             ],
         );
     }
@@ -100,7 +133,9 @@ fn client_config(pki: &Pki, client: Option<&str>) -> Arc<rustls::ClientConfig> {
     Arc::new(match client {
         Some(name) => b
             .with_client_auth_cert(
-                vec![CertificateDer::from_pem_file(pki.path(&format!("{name}.pem"))).expect("cert")],
+                vec![
+                    CertificateDer::from_pem_file(pki.path(&format!("{name}.pem"))).expect("cert"),
+                ],
                 PrivateKeyDer::from_pem_file(pki.path(&format!("{name}.key"))).expect("key"),
             )
             .expect("client auth"),
@@ -118,7 +153,8 @@ fn tls_send(
     let conn = rustls::ClientConnection::new(cfg, ServerName::try_from("localhost").expect("name"))
         .map_err(|e| e.to_string())?;
     let sock = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    sock.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let mut tls = rustls::StreamOwned::new(conn, sock);
     let mut framed = vec![0x0b];
     framed.extend_from_slice(msg);
@@ -139,7 +175,10 @@ fn tls_send(
         .and_then(|c| c.first())
         .map(|c| c.to_vec())
         .unwrap_or_default();
-    Ok((String::from_utf8_lossy(&buf[1..buf.len() - 2]).into_owned(), server_cert))
+    Ok((
+        String::from_utf8_lossy(&buf[1..buf.len() - 2]).into_owned(),
+        server_cert,
+    ))
 }
 
 fn adt(ctrl: &str) -> Vec<u8> {
@@ -193,24 +232,41 @@ fn mutual_tls_identity_allow_list_versions_and_reload() {
 
     // No client certificate, or one from another CA (same CN!): no TLS session, no ACK.
     assert!(tls_send(d.mllp_port, client_config(&pki, None), &adt("TLS-3")).is_err());
-    assert!(tls_send(d.mllp_port, client_config(&pki, Some("rogue")), &adt("TLS-4")).is_err());
+    assert!(
+        tls_send(
+            d.mllp_port,
+            client_config(&pki, Some("rogue")),
+            &adt("TLS-4")
+        )
+        .is_err()
+    );
 
     // Plain TCP to a TLS port: the handshake fails, nothing is answered or stored.
     let mut plain = TcpStream::connect(d.addr()).expect("connect");
-    plain.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let mut framed = vec![0x0b];
     framed.extend_from_slice(&adt("PLAIN-1"));
     framed.extend_from_slice(&[0x1c, 0x0d]);
     let _ = plain.write_all(&framed); // the server may already have closed
     let mut got = Vec::new();
     let _ = plain.read_to_end(&mut got);
-    assert!(!got.windows(4).any(|w| w == b"MSA|"), "no ACK over plain TCP");
+    assert!(
+        !got.windows(4).any(|w| w == b"MSA|"),
+        "no ACK over plain TCP"
+    );
 
     // openssl s_client: TLS 1.2 with the client certificate works; TLS 1.1 is refused.
     let ack = s_client(&pki, d.mllp_port, "-tls1_2", &adt("TLS-5"));
     assert!(ack.contains("MSA|AA|TLS-5"), "{ack}");
     let old = Command::new("openssl")
-        .args(["s_client", "-connect", &format!("127.0.0.1:{}", d.mllp_port), "-tls1_1"])
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{}", d.mllp_port),
+            "-tls1_1",
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("s_client");
@@ -221,9 +277,14 @@ fn mutual_tls_identity_allow_list_versions_and_reload() {
     std::fs::copy(pki.path("server2.pem"), &live_cert).expect("copy");
     std::fs::copy(pki.path("server2.key"), &live_key).expect("copy");
     let pid = d.pid().expect("running");
-    Command::new("kill").args(["-HUP", &pid.to_string()]).status().expect("kill -HUP");
+    Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill -HUP");
     wait_for("the reload", Duration::from_secs(10), || {
-        d.log_text().contains("TLS certificates reloaded").then_some(())
+        d.log_text()
+            .contains("TLS certificates reloaded")
+            .then_some(())
     });
     let (ack, cert2) = tls_send(d.mllp_port, client_config(&pki, Some("pas")), &adt("TLS-6"))
         .expect("after reload");
@@ -242,9 +303,17 @@ fn mutual_tls_identity_allow_list_versions_and_reload() {
 fn s_client(pki: &Pki, port: u16, version: &str, msg: &[u8]) -> String {
     let mut child = Command::new("openssl")
         .args([
-            "s_client", "-quiet", "-connect", &format!("127.0.0.1:{port}"), version,
-            "-cert", &pki.path("pas.pem"), "-key", &pki.path("pas.key"),
-            "-CAfile", &pki.path("ca.pem"),
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            version,
+            "-cert",
+            &pki.path("pas.pem"),
+            "-key",
+            &pki.path("pas.key"),
+            "-CAfile",
+            &pki.path("ca.pem"),
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -273,6 +342,9 @@ fn s_client(pki: &Pki, port: u16, version: &str, msg: &[u8]) -> String {
     let got = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(start.elapsed() < Duration::from_secs(20), "s_client got no ACK");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "s_client got no ACK"
+    );
     String::from_utf8_lossy(&got).into_owned()
 }

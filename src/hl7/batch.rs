@@ -146,7 +146,7 @@ fn envelope_header(line: &[u8]) -> Option<EnvelopeHeader> {
         return None;
     }
     let (h, seps) = sniff_header(&format!("MSH{rest}"));
-    if rest.chars().next() != Some(seps.field) {
+    if !rest.starts_with(seps.field) {
         return None;
     }
     Some(EnvelopeHeader {
