@@ -70,9 +70,16 @@ impl Default for SiteConfig {
 }
 
 impl SiteConfig {
-    /// The appliance's own URI (`MessageHeader.source.endpoint`, Provenance device identifier).
+    /// The appliance's own URI (`MessageHeader.source.endpoint`, `meta.source`, the Provenance
+    /// device identifier). `source.endpoint` is a FHIR `url`, so this is an absolute URL in the
+    /// site's identifier namespace rather than a `urn:`.
     pub fn appliance_uri(&self) -> String {
-        format!("urn:hl7-edge:{}:{}", self.ods_code, self.appliance_id)
+        format!(
+            "{}/{}/device/{}",
+            self.identifier_base.trim_end_matches('/'),
+            self.ods_code,
+            self.appliance_id
+        )
     }
 
     /// A local identifier system for `kind` (`mrn`, `visit-number`, `message-id`, ...).

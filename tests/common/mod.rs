@@ -463,3 +463,35 @@ pub fn venv_bin(name: &str) -> Option<PathBuf> {
         .join(name);
     p.exists().then_some(p)
 }
+
+/// Validates Bundles with the independent Python validator (fhir.resources 6.4.0, FHIR R4).
+/// Panics with every failure.
+pub fn assert_valid_fhir(bundles: &[serde_json::Value]) {
+    let python = venv_bin("python")
+        .expect("the test venv is missing: run scripts/test.sh, which installs fhir.resources");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/validate_fhir.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run validate_fhir.py");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        for b in bundles {
+            writeln!(stdin, "{b}").expect("write bundle");
+        }
+    }
+    let out = child.wait_with_output().expect("validator output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "independent FHIR R4 validation failed:\n{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("ok ")).count(),
+        bundles.len(),
+        "{text}"
+    );
+}
