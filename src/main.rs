@@ -39,7 +39,8 @@ struct Cli {
 enum Command {
     /// Run the daemon: listen on every feed, map, sign, store and forward.
     Run,
-    /// Print the Bundle a message would produce, without any network or state.
+    /// Print the Bundle a message would produce, without any network or state (exit 1 if it
+    /// would be quarantined: the reasons go to stderr).
     Map {
         /// A file holding one HL7 v2 message.
         file: PathBuf,
@@ -122,15 +123,22 @@ fn cmd_map(
     let feeds = adapter::load(config.adapters_dir.as_deref())?;
     let feed = pick_feed(&feeds, feed)?;
     let set = load_mappings(&config, mappings)?;
-    let processor =
-        Processor::new(Arc::new(set), config.site.clone()).map_err(anyhow::Error::msg)?;
+    let processor = Processor::new(Arc::new(set), config.site.clone(), config.profile.clone())
+        .map_err(anyhow::Error::msg)?;
     let raw = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let produced = processor.bundle(&raw, feed, jiff::Timestamp::now())?;
+    let produced = processor.build(&raw, feed, jiff::Timestamp::now())?;
+    println!("{}", serde_json::to_string_pretty(&produced.bundle)?);
     for w in &produced.warnings {
         eprintln!("note: {w}");
     }
-    println!("{}", serde_json::to_string_pretty(&produced.bundle)?);
-    Ok(ExitCode::SUCCESS)
+    // The Bundle is shown even when invalid: the author needs to see both.
+    match processor.validate(&produced.bundle) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: this Bundle would be quarantined: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn pick_feed<'a>(feeds: &'a [FeedConfig], name: Option<&str>) -> Result<&'a FeedConfig> {
@@ -289,7 +297,12 @@ async fn daemon(config: Config) -> Result<()> {
     drop(ids_tx);
 
     let processor = Arc::new(
-        Processor::new(Arc::new(mappings), config.site.clone()).map_err(anyhow::Error::msg)?,
+        Processor::new(
+            Arc::new(mappings),
+            config.site.clone(),
+            config.profile.clone(),
+        )
+        .map_err(anyhow::Error::msg)?,
     );
     let mapper = tokio::spawn(pipeline::run_mapper(
         processor,

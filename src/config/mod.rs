@@ -17,6 +17,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::fhir::profile::ProfileConfig;
 use crate::forward::mqtt::MqttConfig;
 
 /// Everything the daemon and the offline commands need, one section per stage.
@@ -36,6 +37,8 @@ pub struct Config {
     pub signing: SigningConfig,
     pub outbox: OutboxConfig,
     pub mqtt: MqttConfig,
+    /// London overlay minimums checked before signing; each can be relaxed per site.
+    pub profile: ProfileConfig,
     pub log: LogConfig,
 }
 
@@ -156,6 +159,7 @@ impl Default for Config {
             signing: SigningConfig::default(),
             outbox: OutboxConfig::default(),
             mqtt: MqttConfig::default(),
+            profile: ProfileConfig::default(),
             log: LogConfig::default(),
         }
     }

@@ -27,7 +27,7 @@
 //!     }
 //! };
 //! assert!(ack.starts_with("MSH|^~\\&|EDGE|GW|LAB|HOSP|"));
-//! assert!(ack.ends_with("\rMSA|AA|MSG1"));
+//! assert!(ack.ends_with("\rMSA|AA|MSG1\r"));
 //! # Ok(())
 //! # }
 //! ```
