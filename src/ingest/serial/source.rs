@@ -90,11 +90,7 @@ impl SerialSource {
             let wait = match self.open() {
                 Ok((port, marked)) => {
                     LineStats::add(&self.stats.opens, 1);
-                    if failures > 0 {
-                        info!(feed, device, after_attempts = failures, "serial device is back");
-                    } else {
-                        info!(feed, device, "serial device open");
-                    }
+                    info!(feed, device, failed_attempts = failures, "serial device open");
                     failures = 0;
                     let opened = Instant::now();
                     match self.session(port, marked, &mut shutdown).await {
@@ -243,19 +239,23 @@ impl SerialSource {
         }
     }
 
-    fn note_noise(&self, line: &mut Line) {
-        let now = line.skipped();
-        let delta = now.saturating_sub(line.noise_seen);
-        line.noise_seen = now;
-        if delta == 0 {
+    /// Counts bytes the decoder skipped; logs them once a frame (or answer) follows, so that
+    /// noise split over many reads gives one line saying how much was skipped before the
+    /// decoder resynchronised.
+    fn note_noise(&self, noise: &mut Noise, skipped: u64, resynced: bool) {
+        let delta = skipped.saturating_sub(noise.seen);
+        noise.seen = skipped;
+        LineStats::add(&self.stats.noise_bytes, delta);
+        noise.unlogged += delta;
+        if !resynced || noise.unlogged == 0 {
             return;
         }
-        LineStats::add(&self.stats.noise_bytes, delta);
+        let bytes = std::mem::take(&mut noise.unlogged);
         // One or two stray bytes between frames are usually a CR LF trailer; more is noise.
-        if delta > 2 {
-            warn!(feed = %self.intake.feed().name, device = %self.config.device.display(), bytes = delta, "line noise skipped; resynchronised at the next frame start");
+        if bytes > 2 {
+            warn!(feed = %self.intake.feed().name, device = %self.config.device.display(), bytes, "line noise skipped; resynchronised at the next frame start");
         } else {
-            debug!(feed = %self.intake.feed().name, bytes = delta, "stray bytes between frames skipped");
+            debug!(feed = %self.intake.feed().name, bytes, "stray bytes between frames skipped");
         }
     }
 
@@ -293,7 +293,8 @@ impl SerialSource {
         port: &mut SerialStream,
     ) -> Result<(), SerialError> {
         let mut events = Vec::new();
-        match &mut line.kind {
+        let Line { kind, noise } = line;
+        match kind {
             Kind::Mllp { dec, damaged, .. } => {
                 let mut frames = Vec::new();
                 dec.feed(data, &mut frames);
@@ -316,6 +317,7 @@ impl SerialSource {
                 loop {
                     let n = rx.feed(rest, &mut outs);
                     rest = rest.get(n..).unwrap_or_default();
+                    self.note_noise(noise, rx.skipped(), !outs.is_empty());
                     for o in outs.drain(..) {
                         self.astm_output(rx, o, port).await?;
                     }
@@ -325,16 +327,17 @@ impl SerialSource {
                 }
             }
         }
-        self.note_noise(line);
+        self.note_noise(noise, kind.skipped(), !events.is_empty());
         for e in events {
-            self.hl7_event(line, e, port).await?;
+            self.hl7_event(kind, e, port).await?;
         }
         Ok(())
     }
 
     async fn on_timer(&self, line: &mut Line, port: &mut SerialStream) -> Result<(), SerialError> {
         let mut events = Vec::new();
-        match &mut line.kind {
+        let Line { kind, noise } = line;
+        match kind {
             Kind::Timeout { split, .. } => split.flush(&mut events),
             Kind::Astm { rx, .. } => {
                 let mut outs = Vec::new();
@@ -345,9 +348,9 @@ impl SerialSource {
             }
             Kind::Mllp { .. } | Kind::Stx { .. } => {}
         }
-        self.note_noise(line);
+        self.note_noise(noise, kind.skipped(), !events.is_empty());
         for e in events {
-            self.hl7_event(line, e, port).await?;
+            self.hl7_event(kind, e, port).await?;
         }
         Ok(())
     }
@@ -383,7 +386,7 @@ impl SerialSource {
 
     async fn hl7_event(
         &self,
-        line: &Line,
+        kind: &Kind,
         e: Event,
         port: &mut SerialStream,
     ) -> Result<(), SerialError> {
@@ -410,7 +413,7 @@ impl SerialSource {
                 return Ok(());
             }
         };
-        let wire = match &line.kind {
+        let wire = match kind {
             Kind::Mllp { ack: HlAck::Hl7, .. } => frame::encode(&ack),
             Kind::Stx {
                 ack: StxAck::Hl7,
@@ -455,8 +458,15 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// The decoder of one open line, with its answer settings.
 struct Line {
     kind: Kind,
-    /// The decoder's skipped-bytes count already reported.
-    noise_seen: u64,
+    noise: Noise,
+}
+
+#[derive(Default)]
+struct Noise {
+    /// The decoder's skipped-bytes count already counted.
+    seen: u64,
+    /// Skipped bytes not yet logged.
+    unlogged: u64,
 }
 
 enum Kind {
@@ -480,6 +490,17 @@ enum Kind {
         gap: Duration,
         ack: HlAck,
     },
+}
+
+impl Kind {
+    fn skipped(&self) -> u64 {
+        match self {
+            Kind::Mllp { dec, .. } => dec.skipped(),
+            Kind::Stx { dec, .. } => dec.skipped(),
+            Kind::Astm { rx, .. } => rx.skipped(),
+            Kind::Timeout { split, .. } => split.skipped(),
+        }
+    }
 }
 
 impl Line {
@@ -507,16 +528,7 @@ impl Line {
         };
         Line {
             kind,
-            noise_seen: 0,
-        }
-    }
-
-    fn skipped(&self) -> u64 {
-        match &self.kind {
-            Kind::Mllp { dec, .. } => dec.skipped(),
-            Kind::Stx { dec, .. } => dec.skipped(),
-            Kind::Astm { rx, .. } => rx.skipped(),
-            Kind::Timeout { split, .. } => split.skipped(),
+            noise: Noise::default(),
         }
     }
 
