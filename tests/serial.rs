@@ -535,3 +535,73 @@ fn missing_device_unplug_mid_message_and_replug_resume_by_themselves() {
     assert!(d.log_text().contains("serial feed stopped"));
 }
 
+
+#[test]
+fn astm_end_frame_is_naked_while_the_store_refuses_and_taken_on_the_resend_once_it_accepts() {
+    // No broker yet: stored messages stay in the outbox. A 1 MiB outbox is filled over MLLP.
+    let port = free_port();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut pty = Socat::new(tmp.path());
+    pty.start();
+    let d = Daemon::start_with_adapters(
+        &url,
+        "[outbox]\nmax_bytes = 1048576\n",
+        &[(
+            "analyser.toml",
+            serial_adapter("analyser", &pty.appliance, "mode = \"astm\""),
+        )],
+    );
+    wait_log(&d, "serial device open", 1);
+    let mut mllp = MllpClient::connect(d.addr());
+    // Big messages first, then smaller ones, until even one smaller than the serial message
+    // is refused (AE).
+    let mut filled = false;
+    let mut i = 0;
+    for pad in [60_000, 6_000, 600, 0] {
+        loop {
+            i += 1;
+            assert!(i < 200, "the outbox never filled up");
+            let mut m = String::from_utf8(message(&format!("F{i}"))).expect("UTF-8");
+            if pad > 0 {
+                m.push_str("NTE|1||");
+                m.push_str(&"x".repeat(pad));
+                m.push('\r');
+            }
+            let ack = mllp.send(m.as_bytes());
+            if field(&ack, "MSA", 1) == "AE" {
+                filled = pad == 0;
+                break;
+            }
+            assert_eq!(field(&ack, "MSA", 1), "AA", "{ack}");
+        }
+    }
+    assert!(filled, "the outbox never filled up");
+
+    let mut dev = Device::open(&pty.device);
+    dev.send(&[ENQ]);
+    assert_eq!(dev.byte("ACK to ENQ"), ACK);
+    let frames = encode_message(&message("SER-FULL-1"), 240, 1);
+    let (last, first) = frames.split_last().expect("frames");
+    assert!(astm_send(&mut dev, first).iter().all(|r| *r == ACK));
+    // The end frame: the store refuses, so NAK; the device retransmits: NAK again.
+    assert_eq!(astm_send(&mut dev, std::slice::from_ref(last)), vec![NAK]);
+    assert_eq!(astm_send(&mut dev, std::slice::from_ref(last)), vec![NAK]);
+
+    // The broker appears, the outbox drains, and the next retransmission is stored and ACKed.
+    let broker = Broker::start_on(port);
+    let sub = Subscriber::start(broker.port, "hl7-edge/test-edge/analyser/#");
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        dev.send(last);
+        if dev.byte("a reply to the end frame") == ACK {
+            break;
+        }
+        assert!(Instant::now() < end, "the end frame was never accepted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    dev.send(&[EOT]);
+    let got = bundles_by_control_id(&sub.take(1, Duration::from_secs(60)));
+    assert_eq!(got[0].0, "SER-FULL-1");
+    assert!(d.log_text().contains("not stored: negative ACK"));
+}
