@@ -178,6 +178,22 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_serial_examples_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/examples");
+        let feeds = load(Some(&dir)).expect("every example is valid");
+        let modes: Vec<_> = feeds
+            .iter()
+            .filter_map(|f| match &f.transport {
+                Transport::Serial(s) => Some(s.framing_name()),
+                Transport::Mllp(_) => None,
+            })
+            .collect();
+        for m in ["mllp", "stx", "astm", "timeout"] {
+            assert!(modes.contains(&m), "an example for {m}: {modes:?}");
+        }
+    }
+
+    #[test]
     fn serial_feeds_load_and_are_checked() {
         let dir = tempfile::tempdir().expect("tmp");
         std::fs::write(
