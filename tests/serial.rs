@@ -10,9 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use hl7_edge::ingest::serial::Checksum;
 use hl7_edge::ingest::serial::astm::{encode_frame, encode_message};
 use hl7_edge::ingest::serial::stx;
-use hl7_edge::ingest::serial::Checksum;
 use serde_json::Value;
 
 const STX: u8 = 0x02;
@@ -138,7 +138,9 @@ impl Device {
     }
 
     fn byte(&mut self, what: &str) -> u8 {
-        self.read_until(what, Duration::from_secs(20), |b| (!b.is_empty()).then_some(1))[0]
+        self.read_until(what, Duration::from_secs(20), |b| {
+            (!b.is_empty()).then_some(1)
+        })[0]
     }
 
     /// Asserts that nothing arrives for `d`.
@@ -189,7 +191,9 @@ fn message(control_id: &str) -> Vec<u8> {
 /// The same message in ISO-8859-1, with a 0xFF byte in the given name ("ZÿE").
 fn latin1_message_with_ff(control_id: &str) -> Vec<u8> {
     let text = String::from_utf8(message(control_id)).expect("UTF-8");
-    let text = text.replace("UNICODE UTF-8", "8859/1").replace("ZOË", "Z\u{ff}E");
+    let text = text
+        .replace("UNICODE UTF-8", "8859/1")
+        .replace("ZOË", "Z\u{ff}E");
     let (bytes, _, bad) = encoding_rs::WINDOWS_1252.encode(&text);
     assert!(!bad);
     assert!(bytes.contains(&0xFF));
@@ -201,7 +205,10 @@ fn bundles_by_control_id(msgs: &[(String, String)]) -> Vec<(String, Value)> {
         .map(|(_topic, p)| {
             let v: Value = serde_json::from_str(p).expect("payload is JSON");
             (
-                v["identifier"]["value"].as_str().unwrap_or_default().to_string(),
+                v["identifier"]["value"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
                 v,
             )
         })
@@ -209,7 +216,9 @@ fn bundles_by_control_id(msgs: &[(String, String)]) -> Vec<(String, Value)> {
 }
 
 fn mllp_ack(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == [0x1c, 0x0d]).map(|i| i + 2)
+    buf.windows(2)
+        .position(|w| w == [0x1c, 0x0d])
+        .map(|i| i + 2)
 }
 
 fn ack_text(framed: &[u8], start: u8) -> String {
@@ -316,7 +325,11 @@ fn stx_etx_with_checksum_naks_a_bad_frame_and_takes_the_resend() {
 
     let got = bundles_by_control_id(&sub.take(1, Duration::from_secs(60)));
     assert_eq!(got[0].0, "SER-STX-1");
-    assert_eq!(patient_given(&got[0].1), "Z\u{ff}E", "0xFF survived the line");
+    assert_eq!(
+        patient_given(&got[0].1),
+        "Z\u{ff}E",
+        "0xFF survived the line"
+    );
     assert!(
         sub.drain_for(Duration::from_millis(500)).is_empty(),
         "the damaged frame was not stored"
@@ -386,7 +399,11 @@ fn astm_e1381_handshake_frames_checksums_and_retransmission() {
         "",
         &[(
             "analyser.toml",
-            serial_adapter("analyser", &pty.appliance, "mode = \"astm\""),
+            serial_adapter(
+                "analyser",
+                &pty.appliance,
+                "mode = \"astm\"\nreceive_timeout_secs = 1",
+            ),
         )],
     );
     wait_log(&d, "serial device open", 1);
@@ -409,7 +426,10 @@ fn astm_e1381_handshake_frames_checksums_and_retransmission() {
     assert_eq!(astm_send(&mut dev, &[bad]), vec![NAK]);
     // A wrong frame number: NAK.
     let mut wrong_fn = encode_frame(3, &m1[..10], false);
-    assert_eq!(astm_send(&mut dev, &[std::mem::take(&mut wrong_fn)]), vec![NAK]);
+    assert_eq!(
+        astm_send(&mut dev, &[std::mem::take(&mut wrong_fn)]),
+        vec![NAK]
+    );
     let replies = astm_send(&mut dev, &frames);
     assert!(replies.iter().all(|r| *r == ACK), "{replies:?}");
     // The device missed our last ACK and sends the end frame again: ACK, not stored twice.
@@ -425,11 +445,22 @@ fn astm_e1381_handshake_frames_checksums_and_retransmission() {
     dev.send(&[EOT]);
     dev.quiet_for(Duration::from_millis(200));
 
+    // A transfer that falls silent after an intermediate frame: the receive timer (1 s here)
+    // abandons it; the line is neutral again and the next ENQ is answered.
+    dev.send(&[ENQ]);
+    assert_eq!(dev.byte("ACK to ENQ"), ACK);
+    let m3 = encode_message(&message("SER-ASTM-3"), 240, 1);
+    assert_eq!(astm_send(&mut dev, &m3[..1]), vec![ACK]);
+    wait_log(&d, "receive timeout", 1);
+    dev.send(&[ENQ]);
+    assert_eq!(dev.byte("ACK to ENQ after the timeout"), ACK);
+    dev.send(&[EOT]);
+
     let got = bundles_by_control_id(&sub.take(2, Duration::from_secs(60)));
     assert_eq!(sub_topics(&got), vec!["SER-ASTM-1", "SER-ASTM-2"]);
     assert!(
         sub.drain_for(Duration::from_millis(500)).is_empty(),
-        "the repeated end frame was not stored again"
+        "neither the repeated end frame nor the abandoned message was stored"
     );
     let log = d.log_text();
     assert!(log.contains("checksum mismatch"), "{log}");
@@ -448,11 +479,7 @@ fn timeout_mode_splits_streamed_segments() {
         "",
         &[(
             "stream.toml",
-            serial_adapter(
-                "stream",
-                &pty.appliance,
-                "mode = \"timeout\"\ngap_ms = 300",
-            ),
+            serial_adapter("stream", &pty.appliance, "mode = \"timeout\"\ngap_ms = 300"),
         )],
     );
     wait_log(&d, "serial device open", 1);
@@ -534,7 +561,6 @@ fn missing_device_unplug_mid_message_and_replug_resume_by_themselves() {
     assert!(d.stop(), "clean exit:\n{}", d.log_text());
     assert!(d.log_text().contains("serial feed stopped"));
 }
-
 
 #[test]
 fn astm_end_frame_is_naked_while_the_store_refuses_and_taken_on_the_resend_once_it_accepts() {

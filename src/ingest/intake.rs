@@ -179,7 +179,7 @@ impl Intake {
     pub fn damaged(&self, raw: &[u8], reason: &str) -> Vec<u8> {
         let lossy = String::from_utf8_lossy(raw);
         let (h, seps) = hl7::sniff_header(&lossy);
-        warn!(feed = %self.feed.name, control_id = %h.control_id, reason, "damaged on the line: negative ACK, not stored");
+        warn!(feed = %self.feed.name, control_id = %h.control_id, reason, "damaged on the line: not stored (negative answer where the mode has one)");
         let err = AckError {
             code: ErrorCode::ApplicationInternalError,
             location: None,

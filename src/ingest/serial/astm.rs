@@ -452,7 +452,10 @@ mod tests {
             .collect();
         assert_eq!(msgs, vec![MSG.to_vec()]);
         assert_eq!(out.last(), Some(&Output::TransferEnded));
-        assert!(!out.iter().any(|o| matches!(o, Output::Error(_))), "{out:?}");
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Error(_))),
+            "{out:?}"
+        );
     }
 
     #[test]
@@ -529,13 +532,18 @@ mod tests {
         // A non-digit frame number.
         let mut f = encode_frame(1, b"x", true);
         f[1] = b'9';
-        let sum = f[1..f.len() - 4].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+        let sum = f[1..f.len() - 4]
+            .iter()
+            .fold(0u8, |a, b| a.wrapping_add(*b));
         let n = f.len();
         f[n - 4..n - 2].copy_from_slice(&hex2(sum));
         let mut wire = vec![ENQ];
         wire.extend(f);
         let out = run(&wire);
-        assert!(out.contains(&Output::Error(LineError::FrameNumber)), "{out:?}");
+        assert!(
+            out.contains(&Output::Error(LineError::FrameNumber)),
+            "{out:?}"
+        );
     }
 
     #[test]
@@ -619,7 +627,10 @@ mod tests {
         // The next message in the same transfer is fine (frame numbers carry on: 4).
         out.clear();
         feed_all(&mut r, &encode_frame(4, b"ok", true), true, &mut out);
-        assert_eq!(out, vec![Output::Message(b"ok".to_vec()), Output::Reply(ACK)]);
+        assert_eq!(
+            out,
+            vec![Output::Message(b"ok".to_vec()), Output::Reply(ACK)]
+        );
     }
 
     #[test]
@@ -692,7 +703,7 @@ mod tests {
                 _ => x as u8,
             };
             if r.feed(&[b], &mut out) == 0 {
-                r.verdict(x % 2 == 0);
+                r.verdict(x.is_multiple_of(2));
             }
             if i % 1000 == 0 {
                 r.timeout(&mut out);

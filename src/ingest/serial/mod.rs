@@ -529,7 +529,10 @@ mod tests {
         assert_eq!((s.checksum, s.ack), (Checksum::SumHex, StxAck::Byte));
 
         let c = parse("device = \"/dev/x\"\n[framing]\nmode = \"mllp\"\n").expect("mllp");
-        assert!(matches!(c.framing, Framing::Mllp(MllpFraming { ack: HlAck::Hl7 })));
+        assert!(matches!(
+            c.framing,
+            Framing::Mllp(MllpFraming { ack: HlAck::Hl7 })
+        ));
         let c = parse("device = \"/dev/x\"\n[framing]\nmode = \"timeout\"\n").expect("timeout");
         assert!(matches!(
             c.framing,

@@ -82,7 +82,13 @@ impl SerialSource {
         let max = Duration::from_millis(self.config.reopen_max_ms.max(1)).max(min);
         let mut backoff = min;
         let mut failures: u64 = 0;
-        info!(feed, device, framing = self.config.framing_name(), baud = self.config.baud, "serial feed starting");
+        info!(
+            feed,
+            device,
+            framing = self.config.framing_name(),
+            baud = self.config.baud,
+            "serial feed starting"
+        );
         loop {
             if shutdown.is_shutdown() {
                 break;
@@ -90,7 +96,12 @@ impl SerialSource {
             let wait = match self.open() {
                 Ok((port, marked)) => {
                     LineStats::add(&self.stats.opens, 1);
-                    info!(feed, device, failed_attempts = failures, "serial device open");
+                    info!(
+                        feed,
+                        device,
+                        failed_attempts = failures,
+                        "serial device open"
+                    );
                     failures = 0;
                     let opened = Instant::now();
                     match self.session(port, marked, &mut shutdown).await {
@@ -124,7 +135,24 @@ impl SerialSource {
             }
             backoff = (backoff * 2).min(max);
         }
-        info!(feed, device, "serial feed stopped");
+        let s = self.stats.snapshot();
+        info!(
+            feed,
+            device,
+            stored = s.messages_stored,
+            rejected = s.messages_rejected,
+            failed = s.messages_failed,
+            noise_bytes = s.noise_bytes,
+            parity_errors = s.parity_errors,
+            checksum_errors = s.checksum_errors,
+            frame_number_errors = s.frame_number_errors,
+            framing_errors = s.framing_errors,
+            oversize = s.oversize,
+            timeouts = s.timeouts,
+            naks_sent = s.naks_sent,
+            disconnects = s.disconnects,
+            "serial feed stopped"
+        );
     }
 
     /// Opens and configures the device. The second value says whether parity/framing errors
@@ -213,7 +241,9 @@ impl SerialSource {
                             u.feed(bytes, &mut pieces);
                             for piece in pieces.drain(..) {
                                 match piece {
-                                    Piece::Data(d) => self.on_data(&mut line, &d, &mut port).await?,
+                                    Piece::Data(d) => {
+                                        self.on_data(&mut line, &d, &mut port).await?
+                                    }
                                     Piece::Error => {
                                         self.stats.line_error(LineError::Parity);
                                         let spoiled = line.damage();
@@ -414,7 +444,9 @@ impl SerialSource {
             }
         };
         let wire = match kind {
-            Kind::Mllp { ack: HlAck::Hl7, .. } => frame::encode(&ack),
+            Kind::Mllp {
+                ack: HlAck::Hl7, ..
+            } => frame::encode(&ack),
             Kind::Stx {
                 ack: StxAck::Hl7,
                 checksum,
@@ -423,7 +455,9 @@ impl SerialSource {
             Kind::Stx {
                 ack: StxAck::Byte, ..
             } => vec![if positive { ACK } else { NAK }],
-            Kind::Timeout { ack: HlAck::Hl7, .. } => ack,
+            Kind::Timeout {
+                ack: HlAck::Hl7, ..
+            } => ack,
             _ => return Ok(()),
         };
         self.write(port, &wire).await
@@ -438,9 +472,8 @@ fn mark_line_errors(port: &SerialStream) -> nix::Result<bool> {
     let fd = port.as_raw_fd();
     let mut t = tcgetattr(fd)?;
     t.input_flags.insert(InputFlags::PARMRK);
-    t.input_flags.remove(
-        InputFlags::IGNPAR | InputFlags::IGNBRK | InputFlags::BRKINT | InputFlags::ISTRIP,
-    );
+    t.input_flags
+        .remove(InputFlags::IGNPAR | InputFlags::IGNBRK | InputFlags::BRKINT | InputFlags::ISTRIP);
     tcsetattr(fd, SetArg::TCSANOW, &t)?;
     let back = tcgetattr(fd)?;
     Ok(back.input_flags.contains(InputFlags::PARMRK)

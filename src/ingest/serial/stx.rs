@@ -128,10 +128,7 @@ impl Decoder {
                         self.finish(out, true);
                         State::Idle
                     } else {
-                        State::Check {
-                            got: [0; 2],
-                            n: 0,
-                        }
+                        State::Check { got: [0; 2], n: 0 }
                     }
                 }
                 STX => {
@@ -183,7 +180,10 @@ impl Decoder {
                     out.push(Event::Oversize { len });
                     State::Idle
                 }
-                ETX => State::Draining { len, check: Some(0) },
+                ETX => State::Draining {
+                    len,
+                    check: Some(0),
+                },
                 STX => {
                     // The oversize frame never ended; a new one starts.
                     out.push(Event::Error(LineError::Oversize));
@@ -279,11 +279,7 @@ mod tests {
             wire.extend(encode(b"MSH|b\r", ck));
             for cut in 0..=wire.len() {
                 for cut2 in cut..=wire.len() {
-                    let (e, s) = run(
-                        100,
-                        ck,
-                        &[&wire[..cut], &wire[cut..cut2], &wire[cut2..]],
-                    );
+                    let (e, s) = run(100, ck, &[&wire[..cut], &wire[cut..cut2], &wire[cut2..]]);
                     assert_eq!(e, vec![msg(b"MSH|a\r"), msg(b"MSH|b\r")], "{ck:?} {cut}");
                     assert_eq!(s, 9);
                 }
@@ -308,7 +304,11 @@ mod tests {
             ]
         );
         // A missing checksum: the next STX is not taken as a checksum character.
-        let (e, _) = run(100, Checksum::SumHex, &[b"\x02a\x03\x02b\x03", &hex2(b'b' + 3)]);
+        let (e, _) = run(
+            100,
+            Checksum::SumHex,
+            &[b"\x02a\x03\x02b\x03", &hex2(b'b' + 3)],
+        );
         assert_eq!(
             e,
             vec![
@@ -365,9 +365,15 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 17;
                 x ^= x << 5;
-                let b = if x % 5 == 0 { STX } else if x % 7 == 0 { ETX } else { x as u8 };
+                let b = if x.is_multiple_of(5) {
+                    STX
+                } else if x.is_multiple_of(7) {
+                    ETX
+                } else {
+                    x as u8
+                };
                 d.feed(&[b], &mut out);
-                if x % 11 == 0 {
+                if x.is_multiple_of(11) {
                     d.damage();
                 }
                 out.clear();
