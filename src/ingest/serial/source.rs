@@ -113,7 +113,7 @@ impl SerialSource {
                     }
                     // A device that fails at once after opening is retried with growing waits
                     // instead of spinning; one that worked for a while is retried quickly.
-                    if opened.elapsed() > max {
+                    if opened.elapsed() >= Duration::from_secs(1) {
                         backoff = min;
                     }
                     backoff
