@@ -13,6 +13,7 @@ use tracing::{error, info};
 use hl7_edge::config::Config;
 use hl7_edge::forward;
 use hl7_edge::ingest::adapter::{self, FeedConfig, Transport};
+use hl7_edge::ingest::serial::SerialSource;
 use hl7_edge::ingest::{Intake, mllp};
 use hl7_edge::map::MappingSet;
 use hl7_edge::ops::{logging, shutdown};
@@ -286,12 +287,15 @@ async fn daemon(config: Config) -> Result<()> {
 
     let mut feed_map = HashMap::new();
     let mut listeners = Vec::new();
+    let mut serial_sources = Vec::new();
     for feed in feeds {
         let feed = Arc::new(feed);
         feed_map.insert(feed.name.clone(), feed.clone());
         let intake = Arc::new(Intake::new(feed.clone(), writer.clone(), ids_tx.clone()));
         match &feed.transport {
             Transport::Mllp(m) => listeners.push(mllp::Listener::bind(m.clone(), intake).await?),
+            // A serial device may be missing at start: its source retries in the background.
+            Transport::Serial(s) => serial_sources.push(SerialSource::new(s.clone(), intake)),
         }
     }
     drop(ids_tx);
@@ -320,10 +324,15 @@ async fn daemon(config: Config) -> Result<()> {
         feed_map.keys().cloned().collect(),
         shutdown.receiver(),
     )?;
-    let serving: Vec<_> = listeners
+    let mut serving: Vec<_> = listeners
         .into_iter()
         .map(|l| tokio::spawn(l.serve(trigger.subscribe())))
         .collect();
+    serving.extend(
+        serial_sources
+            .into_iter()
+            .map(|s| tokio::spawn(s.serve(trigger.subscribe()))),
+    );
     info!(state_dir = %config.state_dir.display(), broker = %config.mqtt.url, "hl7-edge running");
 
     wait_for_signal().await;

@@ -11,6 +11,7 @@ use figment::providers::{Format, Toml};
 use serde::{Deserialize, Serialize};
 
 use super::mllp::MllpConfig;
+use super::serial::SerialConfig;
 
 /// The feeds compiled into the binary, used when `adapters_dir` is not configured.
 pub const EMBEDDED: &[(&str, &str)] = &[(
@@ -42,6 +43,8 @@ pub struct FeedConfig {
 pub enum Transport {
     /// HL7 MLLP over TCP.
     Mllp(MllpConfig),
+    /// A serial (RS-232) line; see [`super::serial`].
+    Serial(SerialConfig),
 }
 
 impl FeedConfig {
@@ -116,6 +119,11 @@ pub fn load(dir: Option<&Path>) -> Result<Vec<FeedConfig>, AdapterError> {
                 other.display()
             ));
         }
+        if let Transport::Serial(s) = &f.transport {
+            for e in s.validate() {
+                errors.push(format!("{}: transport: {e}", path.display()));
+            }
+        }
         if let Some(label) = &f.charset_fallback
             && encoding_rs::Encoding::for_label(label.as_bytes()).is_none()
         {
@@ -144,7 +152,9 @@ mod tests {
         let feeds = load(None).expect("embedded feeds are valid");
         assert_eq!(feeds.len(), 1);
         assert_eq!(feeds[0].name, "mllp-default");
-        let Transport::Mllp(m) = &feeds[0].transport;
+        let Transport::Mllp(m) = &feeds[0].transport else {
+            panic!("the embedded feed is MLLP");
+        };
         assert_eq!(m.bind.to_string(), "127.0.0.1:2575");
     }
 
@@ -165,5 +175,43 @@ mod tests {
         assert!(err.contains("a.toml") && err.contains("Bad Name"), "{err}");
         assert!(err.contains("klingon"), "{err}");
         assert!(err.contains("b.toml") && err.contains("max_frame"), "{err}");
+    }
+
+    #[test]
+    fn the_documented_serial_examples_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/examples");
+        let feeds = load(Some(&dir)).expect("every example is valid");
+        let modes: Vec<_> = feeds
+            .iter()
+            .filter_map(|f| match &f.transport {
+                Transport::Serial(s) => Some(s.framing_name()),
+                Transport::Mllp(_) => None,
+            })
+            .collect();
+        for m in ["mllp", "stx", "astm", "timeout"] {
+            assert!(modes.contains(&m), "an example for {m}: {modes:?}");
+        }
+    }
+
+    #[test]
+    fn serial_feeds_load_and_are_checked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            dir.path().join("lab.toml"),
+            "name = \"lab\"\n[transport]\nkind = \"serial\"\ndevice = \"/dev/serial/by-id/usb-x\"\nbaud = 19200\n[transport.framing]\nmode = \"astm\"\n",
+        )
+        .expect("write");
+        let feeds = load(Some(dir.path())).expect("valid serial feed");
+        let Transport::Serial(s) = &feeds[0].transport else {
+            panic!("serial");
+        };
+        assert_eq!(s.baud, 19200);
+        std::fs::write(
+            dir.path().join("bad.toml"),
+            "name = \"bad\"\n[transport]\nkind = \"serial\"\ndevice = \"/dev/x\"\nbaud = 0\n[transport.framing]\nmode = \"timeout\"\n",
+        )
+        .expect("write");
+        let err = load(Some(dir.path())).expect_err("baud 0").to_string();
+        assert!(err.contains("bad.toml") && err.contains("baud"), "{err}");
     }
 }

@@ -173,9 +173,26 @@ impl Intake {
         self.ack(&h, &seps, AckCode::AR, &[err], encoding_rs::UTF_8)
     }
 
+    /// The ACK for a message that arrived damaged on a serial line (bad checksum, parity
+    /// error): `AE`/`CE`, "resend", echoing the control id when it can still be read. Nothing
+    /// is stored.
+    pub fn damaged(&self, raw: &[u8], reason: &str) -> Vec<u8> {
+        let lossy = String::from_utf8_lossy(raw);
+        let (h, seps) = hl7::sniff_header(&lossy);
+        warn!(feed = %self.feed.name, control_id = %h.control_id, reason, "damaged on the line: not stored (negative answer where the mode has one)");
+        let err = AckError {
+            code: ErrorCode::ApplicationInternalError,
+            location: None,
+            message: format!("transmission error ({reason}), please resend"),
+            severity: 'E',
+        };
+        self.ack(&h, &seps, error_code(&h), &[err], encoding_rs::UTF_8)
+    }
+
     fn max_frame(&self) -> usize {
         match &self.feed.transport {
             super::adapter::Transport::Mllp(m) => m.max_frame_bytes,
+            super::adapter::Transport::Serial(s) => s.max_frame_bytes,
         }
     }
 

@@ -233,6 +233,8 @@ pub struct Daemon {
     pub log: PathBuf,
     extra_config: String,
     broker_url: String,
+    /// Further adapter files (file name, TOML) beside the MLLP feed `pas`.
+    extra_adapters: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -242,6 +244,16 @@ impl Daemon {
 
     /// `extra_config` is appended to the generated config file (TOML).
     pub fn start_with(broker_url: &str, extra_config: &str) -> Daemon {
+        Self::start_with_adapters(broker_url, extra_config, &[])
+    }
+
+    /// Also writes `adapters` (file name, TOML text) into the adapters folder; the daemon is
+    /// ready once its MLLP feed `pas` listens (other feeds may still be starting).
+    pub fn start_with_adapters(
+        broker_url: &str,
+        extra_config: &str,
+        adapters: &[(&str, String)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut d = Daemon {
             mllp_port: free_port(),
@@ -250,6 +262,10 @@ impl Daemon {
             log: PathBuf::new(),
             extra_config: extra_config.to_string(),
             broker_url: broker_url.to_string(),
+            extra_adapters: adapters
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect(),
         };
         d.write_config();
         d.spawn();
@@ -275,6 +291,9 @@ impl Daemon {
             ),
         )
         .expect("write adapter");
+        for (name, text) in &self.extra_adapters {
+            std::fs::write(adapters.join(name), text).expect("write extra adapter");
+        }
         let config = format!(
             "state_dir = {:?}\nadapters_dir = {:?}\n\n[site]\nods_code = \"RRV\"\nappliance_id = \"test-edge\"\n\n[mqtt]\nurl = {:?}\nclient_id = \"hl7-edge-test-{}\"\n{}\n",
             self.state_dir().display().to_string(),
