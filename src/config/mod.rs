@@ -295,7 +295,13 @@ mod tests {
         let err = Config::load_with_env(Some(f.path()), no_env()).expect_err("must fail");
         let text = err.to_string();
         assert!(text.contains("ods_cod"), "{text}");
-        assert!(text.contains(&f.path().display().to_string()), "{text}");
+        // figment shows the path relative to the working directory when it can: match the name.
+        let name = f
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        assert!(!name.is_empty() && text.contains(&name), "{text}");
     }
 
     #[test]
