@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-20000}"
 ./scripts/test-deps.sh >/dev/null
-cargo build --release --locked --bin hl7-edge --example loadgen 2>&1 | tail -1
+[ "${SKIP_BUILD:-}" = 1 ] || cargo build --release --locked --bin hl7-edge --example loadgen 2>&1 | tail -1
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)

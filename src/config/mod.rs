@@ -17,6 +17,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::fhir::profile::ProfileConfig;
 use crate::forward::mqtt::MqttConfig;
 
 /// Everything the daemon and the offline commands need, one section per stage.
@@ -36,6 +37,8 @@ pub struct Config {
     pub signing: SigningConfig,
     pub outbox: OutboxConfig,
     pub mqtt: MqttConfig,
+    /// London overlay minimums checked before signing; each can be relaxed per site.
+    pub profile: ProfileConfig,
     pub log: LogConfig,
 }
 
@@ -70,9 +73,16 @@ impl Default for SiteConfig {
 }
 
 impl SiteConfig {
-    /// The appliance's own URI (`MessageHeader.source.endpoint`, Provenance device identifier).
+    /// The appliance's own URI (`MessageHeader.source.endpoint`, `meta.source`, the Provenance
+    /// device identifier). `source.endpoint` is a FHIR `url`, so this is an absolute URL in the
+    /// site's identifier namespace rather than a `urn:`.
     pub fn appliance_uri(&self) -> String {
-        format!("urn:hl7-edge:{}:{}", self.ods_code, self.appliance_id)
+        format!(
+            "{}/{}/device/{}",
+            self.identifier_base.trim_end_matches('/'),
+            self.ods_code,
+            self.appliance_id
+        )
     }
 
     /// A local identifier system for `kind` (`mrn`, `visit-number`, `message-id`, ...).
@@ -153,6 +163,7 @@ impl Default for Config {
             signing: SigningConfig::default(),
             outbox: OutboxConfig::default(),
             mqtt: MqttConfig::default(),
+            profile: ProfileConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -288,7 +299,13 @@ mod tests {
         let err = Config::load_with_env(Some(f.path()), no_env()).expect_err("must fail");
         let text = err.to_string();
         assert!(text.contains("ods_cod"), "{text}");
-        assert!(text.contains(&f.path().display().to_string()), "{text}");
+        // figment shows the path relative to the working directory when it can: match the name.
+        let name = f
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        assert!(!name.is_empty() && text.contains(&name), "{text}");
     }
 
     #[test]

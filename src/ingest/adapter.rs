@@ -11,6 +11,7 @@ use figment::providers::{Format, Toml};
 use serde::{Deserialize, Serialize};
 
 use super::mllp::MllpConfig;
+use super::serial::SerialConfig;
 
 /// The feeds compiled into the binary, used when `adapters_dir` is not configured.
 pub const EMBEDDED: &[(&str, &str)] = &[(
@@ -94,6 +95,8 @@ pub enum DuplicatesMode {
 pub enum Transport {
     /// HL7 MLLP over TCP.
     Mllp(MllpConfig),
+    /// A serial (RS-232) line; see [`super::serial`].
+    Serial(SerialConfig),
 }
 
 impl FeedConfig {
@@ -174,6 +177,11 @@ pub fn load(dir: Option<&Path>) -> Result<Vec<FeedConfig>, AdapterError> {
                     errors.push(format!("{}: {e}", path.display()));
                 }
             }
+            Transport::Serial(s) => {
+                for e in s.validate() {
+                    errors.push(format!("{}: transport: {e}", path.display()));
+                }
+            }
         }
         if let Some(label) = &f.charset_fallback
             && encoding_rs::Encoding::for_label(label.as_bytes()).is_none()
@@ -203,7 +211,9 @@ mod tests {
         let feeds = load(None).expect("embedded feeds are valid");
         assert_eq!(feeds.len(), 1);
         assert_eq!(feeds[0].name, "mllp-default");
-        let Transport::Mllp(m) = &feeds[0].transport;
+        let Transport::Mllp(m) = &feeds[0].transport else {
+            panic!("the embedded feed is MLLP");
+        };
         assert_eq!(m.bind.to_string(), "127.0.0.1:2575");
     }
 
@@ -239,7 +249,9 @@ mod tests {
         let feeds = load(Some(dir.path())).expect("valid");
         assert_eq!(feeds[0].ack_after, AckAfter::Mapping);
         assert_eq!(feeds[0].duplicates.mode, DuplicatesMode::Off);
-        let Transport::Mllp(m) = &feeds[0].transport;
+        let Transport::Mllp(m) = &feeds[0].transport else {
+            panic!("mllp");
+        };
         assert_eq!(m.allow.len(), 2);
         assert_eq!(m.framing().trailer, None);
         assert_eq!(m.framing().start, 0x02);
@@ -258,5 +270,43 @@ mod tests {
         .expect("write");
         let err = load(Some(dir.path())).expect_err("bad framing").to_string();
         assert!(err.contains("a.toml") && err.contains("end_bytes"), "{err}");
+    }
+
+    #[test]
+    fn the_documented_serial_examples_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/examples");
+        let feeds = load(Some(&dir)).expect("every example is valid");
+        let modes: Vec<_> = feeds
+            .iter()
+            .filter_map(|f| match &f.transport {
+                Transport::Serial(s) => Some(s.framing_name()),
+                Transport::Mllp(_) => None,
+            })
+            .collect();
+        for m in ["mllp", "stx", "astm", "timeout"] {
+            assert!(modes.contains(&m), "an example for {m}: {modes:?}");
+        }
+    }
+
+    #[test]
+    fn serial_feeds_load_and_are_checked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            dir.path().join("lab.toml"),
+            "name = \"lab\"\n[transport]\nkind = \"serial\"\ndevice = \"/dev/serial/by-id/usb-x\"\nbaud = 19200\n[transport.framing]\nmode = \"astm\"\n",
+        )
+        .expect("write");
+        let feeds = load(Some(dir.path())).expect("valid serial feed");
+        let Transport::Serial(s) = &feeds[0].transport else {
+            panic!("serial");
+        };
+        assert_eq!(s.baud, 19200);
+        std::fs::write(
+            dir.path().join("bad.toml"),
+            "name = \"bad\"\n[transport]\nkind = \"serial\"\ndevice = \"/dev/x\"\nbaud = 0\n[transport.framing]\nmode = \"timeout\"\n",
+        )
+        .expect("write");
+        let err = load(Some(dir.path())).expect_err("baud 0").to_string();
+        assert!(err.contains("bad.toml") && err.contains("baud"), "{err}");
     }
 }

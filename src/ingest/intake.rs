@@ -574,9 +574,25 @@ impl Intake {
         hl7::encode_from_utf8(&text, self.fallback())
     }
 
+    /// The ACK for a message that arrived damaged on a serial line (bad checksum, parity
+    /// error): `AE`/`CE`, "resend", echoing the control id when it can still be read. Nothing
+    /// is stored.
+    pub fn damaged(&self, raw: &[u8], reason: &str) -> Vec<u8> {
+        let (h, seps, enc) = self.sniff(raw);
+        warn!(feed = %self.feed.name, control_id = %h.control_id, reason, "damaged on the line: not stored (negative answer where the mode has one)");
+        let err = AckError::error(
+            ErrorCode::ApplicationInternalError,
+            None,
+            format!("transmission error ({reason}), please resend"),
+        );
+        let p = self.verdict(&h, &seps, Verdict::Error, &[err], enc, Outcome::Failed);
+        hl7::encode_from_utf8(&p.text, p.encoding)
+    }
+
     fn max_frame(&self) -> usize {
         match &self.feed.transport {
             Transport::Mllp(m) => m.max_frame_bytes,
+            Transport::Serial(s) => s.max_frame_bytes,
         }
     }
 }

@@ -237,6 +237,8 @@ pub struct Daemon {
     pub feed_extra: String,
     /// Appended to the feed's `[transport]` table (and may open sub-tables after it).
     pub transport_extra: String,
+    /// Further adapter files (file name, TOML) beside the MLLP feed `pas`.
+    extra_adapters: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -246,7 +248,7 @@ impl Daemon {
 
     /// `extra_config` is appended to the generated config file (TOML).
     pub fn start_with(broker_url: &str, extra_config: &str) -> Daemon {
-        Self::start_feed(broker_url, extra_config, "", "")
+        Self::start_full(broker_url, extra_config, "", "", &[])
     }
 
     /// Like [`Self::start_with`], with extra feed-level keys (`feed_extra`, e.g.
@@ -258,6 +260,27 @@ impl Daemon {
         feed_extra: &str,
         transport_extra: &str,
     ) -> Daemon {
+        Self::start_full(broker_url, extra_config, feed_extra, transport_extra, &[])
+    }
+
+    /// Also writes `adapters` (file name, TOML text) into the adapters folder; the daemon is
+    /// ready once its MLLP feed `pas` listens (other feeds may still be starting).
+    pub fn start_with_adapters(
+        broker_url: &str,
+        extra_config: &str,
+        adapters: &[(&str, String)],
+    ) -> Daemon {
+        Self::start_full(broker_url, extra_config, "", "", adapters)
+    }
+
+    /// Every option of the constructors above.
+    pub fn start_full(
+        broker_url: &str,
+        extra_config: &str,
+        feed_extra: &str,
+        transport_extra: &str,
+        adapters: &[(&str, String)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut d = Daemon {
             mllp_port: free_port(),
@@ -268,6 +291,10 @@ impl Daemon {
             broker_url: broker_url.to_string(),
             feed_extra: feed_extra.to_string(),
             transport_extra: transport_extra.to_string(),
+            extra_adapters: adapters
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect(),
         };
         d.write_config();
         d.spawn();
@@ -293,6 +320,9 @@ impl Daemon {
             ),
         )
         .expect("write adapter");
+        for (name, text) in &self.extra_adapters {
+            std::fs::write(adapters.join(name), text).expect("write extra adapter");
+        }
         let config = format!(
             "state_dir = {:?}\nadapters_dir = {:?}\n\n[site]\nods_code = \"RRV\"\nappliance_id = \"test-edge\"\n\n[mqtt]\nurl = {:?}\nclient_id = \"hl7-edge-test-{}\"\n{}\n",
             self.state_dir().display().to_string(),
@@ -596,4 +626,36 @@ pub fn venv_bin(name: &str) -> Option<PathBuf> {
         .join("target/test-venv/bin")
         .join(name);
     p.exists().then_some(p)
+}
+
+/// Validates Bundles with the independent Python validator (fhir.resources 6.4.0, FHIR R4).
+/// Panics with every failure.
+pub fn assert_valid_fhir(bundles: &[serde_json::Value]) {
+    let python = venv_bin("python")
+        .expect("the test venv is missing: run scripts/test.sh, which installs fhir.resources");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/validate_fhir.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run validate_fhir.py");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        for b in bundles {
+            writeln!(stdin, "{b}").expect("write bundle");
+        }
+    }
+    let out = child.wait_with_output().expect("validator output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "independent FHIR R4 validation failed:\n{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("ok ")).count(),
+        bundles.len(),
+        "{text}"
+    );
 }
