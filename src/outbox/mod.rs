@@ -51,8 +51,9 @@ mod writer;
 
 pub use error::StoreError;
 pub use store::{
-    AuditEntry, ListFilter, NewRecord, Outbox, OutboxLimits, OutboxStats, Record, RecordId,
-    RecordMeta, RecordState, StateKind, WriteOp, WriteOutcome, now_ms, sha256_hex,
+    AuditEntry, BundleInfo, FeedCounters, ListFilter, NewRecord, Outbox, OutboxLimits, OutboxStats,
+    Record, RecordId, RecordMeta, RecordState, StateKind, WriteOp, WriteOutcome, now_ms,
+    sha256_hex,
 };
 pub use writer::{Writer, WriterConfig, WriterHandle};
 

@@ -80,6 +80,7 @@ async fn full_limit_refuses_inserts_and_delivery_frees_space() {
     let limits = OutboxLimits {
         max_bytes: one * 2 + one / 2,
         max_records: 100,
+        max_age_ms: 0,
     };
     let (outbox, writer) = open(&dir, limits);
     let a = writer.insert(rec("lab", 1)).await.expect("insert 1");
@@ -112,6 +113,7 @@ async fn full_limit_refuses_inserts_and_delivery_frees_space() {
         OutboxLimits {
             max_bytes: u64::MAX,
             max_records: 1,
+            max_age_ms: 0,
         },
     );
     writer2.insert(rec("lab", 1)).await.expect("insert");
