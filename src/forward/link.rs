@@ -19,6 +19,7 @@
 use std::time::Duration;
 
 use rumqttc::v5 as v5c;
+use rumqttc::v5::mqttbytes as p5m;
 use rumqttc::v5::mqttbytes::QoS as Q5;
 use rumqttc::v5::mqttbytes::v5 as p5;
 
@@ -387,17 +388,34 @@ const TLS_HINT: &str = "check mqtt.ca_file (the CA that signed the broker's cert
                         certificate names the host in mqtt.url, and for mutual TLS \
                         mqtt.client_cert_file / client_key_file";
 
+/// With TLS 1.3 a broker that refuses our client certificate (or its absence) says so with an
+/// alert after the handshake, which surfaces as an I/O error: name the likely cause.
+fn with_alert_hint(text: String) -> String {
+    if text.contains("CertificateRequired")
+        || text.contains("BadCertificate")
+        || text.contains("UnknownCA")
+        || text.contains("CertificateUnknown")
+    {
+        format!(
+            "{text}; the broker refused the TLS session: it wants a client certificate it trusts \
+             (check mqtt.client_cert_file / client_key_file, and that the broker trusts their CA)"
+        )
+    } else {
+        text
+    }
+}
+
 fn err3(e: &rumqttc::ConnectionError) -> LinkError {
     use rumqttc::{ConnectionError as E, StateError as S};
     let text = match e {
-        E::MqttState(S::Deserialization(d)) => format!("MQTT protocol error: {d}"),
-        E::MqttState(s) => format!("MQTT state error: {s}"),
+        E::MqttState(S::Deserialization(d)) => with_alert_hint(format!("MQTT protocol error: {d}")),
+        E::MqttState(s) => with_alert_hint(format!("MQTT state error: {s}")),
         E::NotConnAck(_) => "broker sent another packet instead of CONNACK".into(),
         E::ConnectionRefused(code) => format!(
             "broker refused the connection ({code:?}); check mqtt.username/password/client_id"
         ),
         E::Tls(t) => format!("TLS handshake with the broker failed: {t}; {TLS_HINT}"),
-        other => other.to_string(),
+        other => with_alert_hint(other.to_string()),
     };
     LinkError {
         text,
@@ -410,11 +428,21 @@ fn err5(e: &v5c::ConnectionError) -> LinkError {
     use v5c::{ConnectionError as E, StateError as S};
     let mut v5_unsupported = false;
     let text = match e {
+        E::MqttState(S::Deserialization(p5m::Error::Io(io))) => {
+            with_alert_hint(format!("I/O: {io}"))
+        }
         E::MqttState(S::Deserialization(d)) => {
             // A 3.1.1 broker answers an MQTT 5 CONNECT with a 3.1.1 CONNACK (return code 1),
             // which does not parse as MQTT 5.
             v5_unsupported = true;
             format!("MQTT protocol error: {d}")
+        }
+        E::MqttState(S::ConnectionAborted) => {
+            // What rumqttc's MQTT 5 parser makes of a 3.1.1 broker's 2-byte CONNACK followed by
+            // the broker closing the connection. Also what any broker closing before CONNACK
+            // looks like: the caller tries 3.1.1 once and comes back to 5 if that fails too.
+            v5_unsupported = true;
+            "connection closed by the broker before CONNACK".into()
         }
         E::MqttState(s) => format!("MQTT state error: {s}"),
         E::NotConnAck(_) => {
@@ -431,7 +459,7 @@ fn err5(e: &v5c::ConnectionError) -> LinkError {
             "broker refused the connection ({code:?}); check mqtt.username/password/client_id"
         ),
         E::Tls(t) => format!("TLS handshake with the broker failed: {t}; {TLS_HINT}"),
-        other => other.to_string(),
+        other => with_alert_hint(other.to_string()),
     };
     LinkError {
         text,

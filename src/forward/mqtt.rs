@@ -55,8 +55,10 @@
 //! # Protocol version
 //!
 //! `mqtt.protocol = "auto"` (default) connects with MQTT 5; a broker that answers in a way
-//! only a 3.1.1 broker would (a 3.1.1 CONNACK, "unsupported protocol version") gets MQTT 3.1.1
-//! from then on, for the life of the process. With MQTT 5 each Bundle carries content type
+//! only a 3.1.1 broker would (a 3.1.1 CONNACK, "unsupported protocol version", closing before
+//! CONNACK) is tried with MQTT 3.1.1 at once. The first version that gets a CONNACK is kept for
+//! the life of the process; while neither has, attempts alternate (a broker that was merely
+//! down is not mistaken for a 3.1.1 broker). With MQTT 5 each Bundle carries content type
 //! `application/fhir+json`, payload format "UTF-8" and user properties `message-id`
 //! (`Bundle.identifier.value`), `feed`, `source-control-id` (MSH-10) and `signature-key-id`.
 //!
@@ -656,6 +658,7 @@ impl Forwarder {
             client,
             version,
             v5_confirmed: false,
+            v311_confirmed: false,
             broker_max_packet: None,
             next_feed: 0,
             submitted: VecDeque::new(),
@@ -716,6 +719,8 @@ struct Run {
     version: Version,
     /// Connected with MQTT 5 at least once: never fall back after that.
     v5_confirmed: bool,
+    /// Connected with MQTT 3.1.1 after falling back: stay with it.
+    v311_confirmed: bool,
     /// The broker's maximum packet size (MQTT 5 CONNACK), if announced.
     broker_max_packet: Option<u32>,
     feeds: Vec<Feed>,
@@ -800,16 +805,20 @@ impl Run {
                 let lost = self.submitted.len() + self.inflight.len();
                 let was_connected = self.connected;
                 self.reset(lp);
-                if !was_connected
-                    && e.v5_unsupported
-                    && self.version == Version::V5
-                    && self.cfg.protocol == MqttProtocol::Auto
+                let probing = self.cfg.protocol == MqttProtocol::Auto
+                    && !was_connected
                     && !self.v5_confirmed
-                {
+                    && !self.v311_confirmed;
+                if probing && e.v5_unsupported && self.version == Version::V5 {
                     tracing::info!(broker = %self.broker, error = %e.text,
                         "MQTT broker does not speak MQTT 5; using MQTT 3.1.1");
                     self.switch_version(lp, Version::V311);
                     return Duration::ZERO;
+                }
+                if probing && self.version == Version::V311 {
+                    // 3.1.1 did not work either: the broker was not refusing MQTT 5, it was
+                    // unavailable. Next attempt: MQTT 5 again.
+                    self.switch_version(lp, Version::V5);
                 }
                 let delay = self.backoff.next();
                 self.status.set_error(Some(e.text.clone()));
@@ -841,8 +850,9 @@ impl Run {
             Ev::ConnAck { max_packet } => {
                 self.connected = true;
                 self.broker_max_packet = max_packet;
-                if self.version == Version::V5 {
-                    self.v5_confirmed = true;
+                match self.version {
+                    Version::V5 => self.v5_confirmed = true,
+                    Version::V311 => self.v311_confirmed = true,
                 }
                 self.backoff.reset();
                 self.status.connected.store(true, Ordering::Relaxed);
