@@ -140,7 +140,8 @@ pub struct MqttConfig {
     /// 1 (at least once, PUBACK) or 2 (PUBREC/PUBREL/PUBCOMP; still at-least-once end to end,
     /// since a clean session forgets the broker's duplicate detection at a reconnect).
     pub qos: u8,
-    /// MQTT keep-alive in seconds (0 disables pings; not recommended on NATed links).
+    /// MQTT keep-alive in seconds, at least 5 (the broker detects a dead appliance, and
+    /// publishes its Last Will, after 1.5 times this).
     pub keep_alive_secs: u64,
     /// Maximum unacknowledged publishes (over all feeds).
     pub max_inflight: u16,
@@ -498,6 +499,12 @@ fn link_options(
             });
         }
     };
+    if cfg.keep_alive_secs < 5 || cfg.keep_alive_secs > u64::from(u16::MAX) {
+        return Err(ForwardError::InvalidConfig {
+            field: "keep_alive_secs",
+            reason: format!("{} must be from 5 to 65535", cfg.keep_alive_secs),
+        });
+    }
     if cfg.max_inflight == 0 {
         return Err(ForwardError::InvalidConfig {
             field: "max_inflight",

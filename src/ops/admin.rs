@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -305,8 +305,6 @@ async fn answer(stream: tokio::net::UnixStream, cx: &Context) -> std::io::Result
     wr.write_all(&bytes).await?;
     wr.shutdown().await
 }
-
-use tokio::io::AsyncReadExt as _;
 
 /// Sends one request to a running daemon. `Ok(None)`: no daemon listens on `path` (no socket
 /// file, or nobody accepting on it).
