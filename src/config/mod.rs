@@ -113,7 +113,13 @@ pub struct OutboxConfig {
     /// Refuse (negative ACK, "storage full") new messages while the state directory's
     /// filesystem has less free space than this; 0 disables the check.
     pub min_free_disk_bytes: u64,
-    /// How long the audit trail of delivered messages is kept, in days.
+    /// Refuse new messages once this many records are not yet delivered.
+    pub max_records: u64,
+    /// Refuse new messages while the oldest message waiting for delivery is older than this
+    /// (seconds; 0: no age limit). The sender keeps them and its own alarms go off, instead of
+    /// the appliance hoarding days of messages the exchange has not seen.
+    pub max_age_secs: u64,
+    /// How long the audit trail of delivered messages is kept, in days (pruned hourly).
     pub audit_retention_days: u32,
 }
 
@@ -122,7 +128,20 @@ impl Default for OutboxConfig {
         OutboxConfig {
             max_bytes: 1 << 30,
             min_free_disk_bytes: 128 << 20,
+            max_records: 1_000_000,
+            max_age_secs: 7 * 24 * 3600,
             audit_retention_days: 30,
+        }
+    }
+}
+
+impl OutboxConfig {
+    /// The store's limits.
+    pub fn limits(&self) -> crate::outbox::OutboxLimits {
+        crate::outbox::OutboxLimits {
+            max_bytes: self.max_bytes,
+            max_records: self.max_records,
+            max_age_ms: self.max_age_secs.saturating_mul(1000),
         }
     }
 }
@@ -241,6 +260,15 @@ impl Config {
                 self.outbox.max_bytes
             ));
         }
+        if self.outbox.max_records == 0 {
+            errors.push("outbox.max_records must be at least 1".to_string());
+        }
+        if !matches!(self.mqtt.qos, 1 | 2) {
+            errors.push(format!(
+                "mqtt.qos {} is not supported: use 1 or 2",
+                self.mqtt.qos
+            ));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -256,18 +284,10 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("signing-key.pem"))
     }
 
-    /// MQTT settings with the site's identity filled in: the topic's site level and the client
-    /// id default to the appliance id, so one setting names the appliance everywhere.
+    /// MQTT settings with the unset identity (`mqtt.site`, `mqtt.client_id`) filled in with
+    /// the appliance id, so one setting names the appliance everywhere.
     pub fn mqtt_effective(&self) -> MqttConfig {
-        let mut m = self.mqtt.clone();
-        let defaults = MqttConfig::default();
-        if m.site == defaults.site {
-            m.site = self.site.appliance_id.clone();
-        }
-        if m.client_id == defaults.client_id {
-            m.client_id = format!("hl7-edge-{}-{}", self.site.ods_code, self.site.appliance_id);
-        }
-        m
+        self.mqtt.clone().with_appliance_id(&self.site.appliance_id)
     }
 
     /// The outbox database path.
@@ -290,6 +310,24 @@ mod tests {
         let c = Config::load_with_env(None, no_env()).expect("defaults load");
         assert_eq!(c.mqtt.url, "mqtt://127.0.0.1:1883");
         assert_eq!(c.site.timezone, "Europe/London");
+        let m = c.mqtt_effective();
+        assert_eq!(m.client_id.as_deref(), Some(c.site.appliance_id.as_str()));
+        assert_eq!(m.site.as_deref(), Some(c.site.appliance_id.as_str()));
+    }
+
+    #[test]
+    fn explicit_mqtt_identity_wins_over_the_appliance_id() {
+        let mut f = tempfile::NamedTempFile::new().expect("tmp");
+        writeln!(
+            f,
+            "[site]\nappliance_id = \"edge-7\"\n[mqtt]\nclient_id = \"cid\"\nprotocol = \"3.1.1\""
+        )
+        .expect("write");
+        let c = Config::load_with_env(Some(f.path()), no_env()).expect("load");
+        let m = c.mqtt_effective();
+        assert_eq!(m.client_id.as_deref(), Some("cid"));
+        assert_eq!(m.site.as_deref(), Some("edge-7"));
+        assert_eq!(m.protocol, crate::forward::MqttProtocol::V311);
     }
 
     #[test]

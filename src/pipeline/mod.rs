@@ -21,7 +21,7 @@ use crate::hl7;
 use crate::ingest::adapter::FeedConfig;
 use crate::map::{MapError, MappingSet, RunContext};
 use crate::ops::shutdown::Shutdown;
-use crate::outbox::{Outbox, RecordId, RecordState, WriterHandle};
+use crate::outbox::{BundleInfo, Outbox, RecordId, RecordState, WriterHandle};
 use crate::sign::{self, SigningKey};
 
 /// Why a stored message became a quarantine record instead of a Bundle. Texts carry no patient
@@ -138,6 +138,18 @@ impl Processor {
         received_at: jiff::Timestamp,
         key: &SigningKey,
     ) -> Result<(Vec<u8>, Vec<String>), ProcessError> {
+        self.signed(raw, feed, received_at, key)
+            .map(|s| (s.bytes, s.warnings))
+    }
+
+    /// [`Self::signed_bytes`], with what the forwarder needs besides the bytes.
+    pub fn signed(
+        &self,
+        raw: &[u8],
+        feed: &FeedConfig,
+        received_at: jiff::Timestamp,
+        key: &SigningKey,
+    ) -> Result<Signed, ProcessError> {
         let Produced {
             mut bundle,
             warnings,
@@ -148,8 +160,25 @@ impl Processor {
             "identifier": { "system": "urn:ietf:rfc:3986", "value": self.site.appliance_uri() }
         });
         sign::sign_bundle(&mut bundle, key, &when, who)?;
-        Ok((serde_json::to_vec(&bundle)?, warnings))
+        let info = BundleInfo {
+            message_id: bundle["identifier"]["value"].as_str().map(str::to_string),
+            key_id: Some(key.kid().to_string()),
+        };
+        Ok(Signed {
+            bytes: serde_json::to_vec(&bundle)?,
+            warnings,
+            info,
+        })
     }
+}
+
+/// A signed Bundle ready for the outbox.
+#[derive(Debug)]
+pub struct Signed {
+    pub bytes: Vec<u8>,
+    pub warnings: Vec<String>,
+    /// `Bundle.identifier.value` and the signing key id, for MQTT 5 user properties.
+    pub info: BundleInfo,
 }
 
 /// The daemon's mapping workers: until shutdown, turn `Received` records into `Ready` or
@@ -246,16 +275,20 @@ impl Worker {
             .unwrap_or_else(|_| jiff::Timestamp::now());
         let me = self.clone();
         let result = tokio::task::spawn_blocking(move || {
-            me.processor.signed_bytes(&raw, &feed, received_at, &me.key)
+            me.processor.signed(&raw, &feed, received_at, &me.key)
         })
         .await;
         let control_id = &record.meta.control_id;
         match result {
-            Ok(Ok((bytes, warnings))) => {
-                for w in &warnings {
+            Ok(Ok(signed)) => {
+                for w in &signed.warnings {
                     debug!(record = id.0, control_id, warning = %w, "mapping note");
                 }
-                if let Err(e) = self.writer.set_ready(id, bytes).await {
+                if let Err(e) = self
+                    .writer
+                    .set_ready_with(id, signed.bytes, signed.info)
+                    .await
+                {
                     error!(record = id.0, control_id, error = %e, "cannot store the Bundle; it will be retried at the next start");
                 }
             }
