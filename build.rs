@@ -1,5 +1,6 @@
-//! Embeds the shipped mappings (`mappings/**/*.yaml`, except golden tests) into the binary, so the
-//! daemon runs on a fresh machine with nothing but its executable.
+//! Embeds the shipped mappings (`mappings/**/*.yaml` and the `*.csv` value tables they use, except
+//! golden tests) into the binary, so the daemon runs on a fresh machine with nothing but its
+//! executable.
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +15,10 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
                 continue;
             }
             collect(&p, out);
-        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+        } else if p
+            .extension()
+            .is_some_and(|x| x == "yaml" || x == "yml" || x == "csv")
+        {
             out.push(p);
         }
     }
@@ -29,7 +33,7 @@ fn main() {
     collect(&dir, &mut files);
     files.sort();
     let mut code = String::from(
-        "/// (display name, YAML text) of every shipped mapping file.\npub const EMBEDDED: &[(&str, &str)] = &[\n",
+        "/// (display name, text) of every shipped mapping file (YAML and CSV).\npub const EMBEDDED: &[(&str, &str)] = &[\n",
     );
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

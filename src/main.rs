@@ -15,7 +15,7 @@ use hl7_edge::forward;
 use hl7_edge::ingest::adapter::{self, FeedConfig, Transport};
 use hl7_edge::ingest::serial::SerialSource;
 use hl7_edge::ingest::{Intake, mllp};
-use hl7_edge::map::MappingSet;
+use hl7_edge::map::{self, Explain, MappingSet, Sources};
 use hl7_edge::ops::{admin, logging, shutdown};
 use hl7_edge::outbox::{Outbox, Writer};
 use hl7_edge::pipeline::{self, Processor};
@@ -48,14 +48,39 @@ enum Command {
         /// Mappings folder (default: the configured one, else the embedded set).
         #[arg(long, value_name = "DIR")]
         mappings: Option<PathBuf>,
+        /// Site mappings loaded on top (new definitions and overlays).
+        #[arg(long, value_name = "DIR")]
+        site_mappings: Option<PathBuf>,
         /// The feed whose settings apply (default: the first feed).
         #[arg(long)]
         feed: Option<String>,
+        /// Also list (on stderr) which rule produced each element and what no rule read.
+        #[arg(long)]
+        explain: bool,
     },
     /// Load configuration, adapters and mappings; list every error found.
     Check {
         #[arg(long, value_name = "DIR")]
         mappings: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        site_mappings: Option<PathBuf>,
+    },
+    /// Run the mappings' golden tests: every `*.hl7` below the tests folder against the `*.json`
+    /// beside it (exit 0: all pass; 1: a failure).
+    TestMappings {
+        #[arg(long, value_name = "DIR")]
+        mappings: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        site_mappings: Option<PathBuf>,
+        /// The tests folder (default: `tests/` in the mappings folder, else `./mappings/tests`).
+        #[arg(long, value_name = "DIR")]
+        tests: Option<PathBuf>,
+        /// Write the current output as the expectation (review the change with git diff).
+        #[arg(long)]
+        update: bool,
+        /// The feed whose settings apply (default: the first feed).
+        #[arg(long)]
+        feed: Option<String>,
     },
     /// Write a new Ed25519 signing key (PEM, mode 0600) and its public JWK beside it.
     Keygen {
@@ -122,14 +147,37 @@ fn main() -> ExitCode {
         Command::Map {
             ref file,
             ref mappings,
+            ref site_mappings,
             ref feed,
+            explain,
         } => cmd_map(
             cli.config.as_deref(),
             file,
+            (mappings.as_deref(), site_mappings.as_deref()),
+            feed.as_deref(),
+            explain,
+        ),
+        Command::Check {
+            ref mappings,
+            ref site_mappings,
+        } => cmd_check(
+            cli.config.as_deref(),
             mappings.as_deref(),
+            site_mappings.as_deref(),
+        ),
+        Command::TestMappings {
+            ref mappings,
+            ref site_mappings,
+            ref tests,
+            update,
+            ref feed,
+        } => cmd_test_mappings(
+            cli.config.as_deref(),
+            (mappings.as_deref(), site_mappings.as_deref()),
+            tests.as_deref(),
+            update,
             feed.as_deref(),
         ),
-        Command::Check { ref mappings } => cmd_check(cli.config.as_deref(), mappings.as_deref()),
         Command::Keygen { ref out } => cmd_keygen(cli.config.as_deref(), out.as_deref()),
         Command::Verify { ref file, ref keys } => cmd_verify(cli.config.as_deref(), file, keys),
         Command::Outbox { ref cmd, json } => cmd_outbox(cli.config.as_deref(), cmd, json),
@@ -143,9 +191,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_mappings(config: &Config, over: Option<&Path>) -> Result<MappingSet> {
-    let dir = over.or(config.mappings_dir.as_deref());
-    MappingSet::load(dir).map_err(|errs| {
+/// Mapping folders given on the command line: (base, site).
+type MappingDirs<'a> = (Option<&'a Path>, Option<&'a Path>);
+
+fn mapping_sources<'a>(config: &'a Config, over: MappingDirs<'a>) -> Sources<'a> {
+    Sources {
+        base: over.0.or(config.mappings_dir.as_deref()),
+        site: over.1.or(config.site_mappings_dir.as_deref()),
+        extra: Vec::new(),
+    }
+}
+
+fn load_mappings(config: &Config, over: MappingDirs<'_>) -> Result<MappingSet> {
+    load_sources(config, &mapping_sources(config, over))
+}
+
+fn load_sources(config: &Config, sources: &Sources<'_>) -> Result<MappingSet> {
+    MappingSet::load_sources(sources, Some(&config.site)).map_err(|errs| {
         anyhow::anyhow!(
             "{} mapping error(s):\n{}",
             errs.len(),
@@ -160,8 +222,9 @@ fn load_mappings(config: &Config, over: Option<&Path>) -> Result<MappingSet> {
 fn cmd_map(
     config: Option<&Path>,
     file: &Path,
-    mappings: Option<&Path>,
+    mappings: MappingDirs<'_>,
     feed: Option<&str>,
+    explain: bool,
 ) -> Result<ExitCode> {
     let config = Config::load(config)?;
     let feeds = adapter::load(config.adapters_dir.as_deref())?;
@@ -170,10 +233,14 @@ fn cmd_map(
     let processor = Processor::new(Arc::new(set), config.site.clone(), config.profile.clone())
         .map_err(anyhow::Error::msg)?;
     let raw = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let produced = processor.build(&raw, feed, jiff::Timestamp::now())?;
+    let mode = if explain { Explain::On } else { Explain::Off };
+    let produced = processor.build(&raw, feed, jiff::Timestamp::now(), mode)?;
     println!("{}", serde_json::to_string_pretty(&produced.bundle)?);
     for w in &produced.warnings {
         eprintln!("note: {w}");
+    }
+    if let Some(x) = &produced.explain {
+        eprint!("{}", explain_text(x, &produced.bundle));
     }
     // The Bundle is shown even when invalid: the author needs to see both.
     match processor.validate(&produced.bundle) {
@@ -183,6 +250,145 @@ fn cmd_map(
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `--explain` output: no values, only element paths, rule positions and segment/field names.
+fn explain_text(x: &map::Explanation, bundle: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "explain: message mapping `{}` ({})",
+        x.mapping, x.mapping_origin
+    );
+    // Entry 0 is the MessageHeader; mapped resources follow in order.
+    let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+    for (i, elements) in x.elements.iter().enumerate() {
+        let r = entries.get(i + 1).map(|e| &e["resource"]);
+        let rtype = r.and_then(|r| r["resourceType"].as_str()).unwrap_or("?");
+        let id = r.and_then(|r| r["id"].as_str()).unwrap_or("?");
+        let _ = writeln!(out, "{rtype} {id}");
+        let width = elements.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
+        for (path, origin) in elements {
+            let _ = writeln!(out, "  {path:width$}  <- {origin}");
+        }
+    }
+    if x.unused_segments.is_empty() && x.unused_fields.is_empty() {
+        let _ = writeln!(
+            out,
+            "every segment and field of the message was read by a rule"
+        );
+    } else {
+        let _ = writeln!(out, "not read by any rule:");
+        for (seg, line) in &x.unused_segments {
+            let _ = writeln!(out, "  segment {seg} (line {line})");
+        }
+        for (field, line) in &x.unused_fields {
+            let _ = writeln!(out, "  field {field} (line {line})");
+        }
+    }
+    out
+}
+
+fn cmd_test_mappings(
+    config: Option<&Path>,
+    mappings: MappingDirs<'_>,
+    tests: Option<&Path>,
+    update: bool,
+    feed: Option<&str>,
+) -> Result<ExitCode> {
+    let config = Config::load(config)?;
+    let feeds = adapter::load(config.adapters_dir.as_deref())?;
+    let mut feed = pick_feed(&feeds, feed)?.clone();
+    feed.name = map::golden::FEED.to_string();
+    let mut sources = mapping_sources(&config, mappings);
+    let default_tests = match sources.base {
+        Some(b) => b.join("tests"),
+        None => PathBuf::from("mappings/tests"),
+    };
+    let tests = tests.map(Path::to_path_buf).unwrap_or(default_tests);
+    if !tests.is_dir() {
+        bail!("no golden tests folder at {}", tests.display());
+    }
+    // Harness mappings that only the tests use live in the tests folder.
+    sources.extra.push(&tests);
+    let set = load_sources(&config, &sources)?;
+    let site_file = tests.join("site.toml");
+    let site = if site_file.exists() {
+        figment::Figment::from(figment::providers::Serialized::defaults(
+            hl7_edge::config::SiteConfig::default(),
+        ))
+        .merge(<figment::providers::Toml as figment::providers::Format>::file(&site_file))
+        .extract::<hl7_edge::config::SiteConfig>()
+        .with_context(|| format!("{}", site_file.display()))?
+    } else {
+        hl7_edge::config::SiteConfig::default()
+    };
+    let processor =
+        Processor::new(Arc::new(set), site, config.profile.clone()).map_err(anyhow::Error::msg)?;
+    let received: jiff::Timestamp = map::golden::RECEIVED_AT
+        .parse()
+        .context("golden received time")?;
+    let cases = map::golden::discover(&tests)
+        .with_context(|| format!("cannot read {}", tests.display()))?;
+    if cases.is_empty() {
+        bail!("no *.hl7 golden tests below {}", tests.display());
+    }
+    let (mut passed, mut failed, mut written) = (0, 0, 0);
+    for case in &cases {
+        let name = case.input.display();
+        let raw = std::fs::read(&case.input).with_context(|| format!("cannot read {name}"))?;
+        // Golden tests check the mapping and FHIR R4 validity; the London overlay's minimums are
+        // a site policy (see `[profile]`), checked by `map` and the daemon.
+        let built = processor
+            .build(&raw, &feed, received, Explain::Off)
+            .and_then(|p| {
+                hl7_edge::fhir::validate::validate(&p.bundle)?;
+                Ok(p)
+            });
+        let actual = match built {
+            Ok(mut p) => {
+                map::golden::normalise(&mut p.bundle);
+                map::golden::render(&p.bundle)
+            }
+            Err(e) => format!(
+                "{{\n  \"error\": {}\n}}\n",
+                serde_json::to_string(&e.to_string())?
+            ),
+        };
+        let expected = std::fs::read_to_string(&case.expected).ok();
+        if expected.as_deref() == Some(actual.as_str()) {
+            passed += 1;
+            continue;
+        }
+        if update {
+            std::fs::write(&case.expected, &actual)
+                .with_context(|| format!("cannot write {}", case.expected.display()))?;
+            println!("updated {}", case.expected.display());
+            written += 1;
+            continue;
+        }
+        failed += 1;
+        match expected {
+            None => println!(
+                "FAIL {name}: no {} (run with --update to create it)",
+                case.expected.display()
+            ),
+            Some(exp) => {
+                println!("FAIL {name} (- expected, + actual):");
+                print!("{}", map::golden::diff(&exp, &actual));
+            }
+        }
+    }
+    println!(
+        "{passed} passed, {failed} failed, {written} updated ({} cases)",
+        cases.len()
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn pick_feed<'a>(feeds: &'a [FeedConfig], name: Option<&str>) -> Result<&'a FeedConfig> {
@@ -201,7 +407,11 @@ fn pick_feed<'a>(feeds: &'a [FeedConfig], name: Option<&str>) -> Result<&'a Feed
     }
 }
 
-fn cmd_check(config: Option<&Path>, mappings: Option<&Path>) -> Result<ExitCode> {
+fn cmd_check(
+    config: Option<&Path>,
+    mappings: Option<&Path>,
+    site_mappings: Option<&Path>,
+) -> Result<ExitCode> {
     let mut problems = Vec::new();
     let config = match Config::load(config) {
         Ok(c) => Some(c),
@@ -223,7 +433,10 @@ fn cmd_check(config: Option<&Path>, mappings: Option<&Path>) -> Result<ExitCode>
         ),
         Err(e) => problems.push(format!("adapters:\n{e}")),
     }
-    match MappingSet::load(mappings.or(cfg.mappings_dir.as_deref())) {
+    match MappingSet::load_sources(
+        &mapping_sources(cfg, (mappings, site_mappings)),
+        Some(&cfg.site),
+    ) {
         Ok(set) => println!(
             "mappings ({}): {}",
             set.origin,
@@ -481,7 +694,7 @@ fn run(config_path: Option<&Path>) -> Result<ExitCode> {
 
 async fn daemon(config: Config) -> Result<()> {
     let feeds = adapter::load(config.adapters_dir.as_deref())?;
-    let mappings = load_mappings(&config, None)?;
+    let mappings = load_mappings(&config, (None, None))?;
     info!(origin = %mappings.origin, "mappings loaded");
     create_state_dir(&config.state_dir)?;
 
@@ -533,6 +746,11 @@ async fn daemon(config: Config) -> Result<()> {
     let admin_ids_tx = ids_tx.clone();
     drop(ids_tx);
 
+    let reloader = Arc::new(pipeline::reload::Reloader::new(
+        processor.clone(),
+        config.mappings_dir.clone(),
+        config.site_mappings_dir.clone(),
+    ));
     let mapper = tokio::spawn(pipeline::run_mapper(
         processor,
         key,
@@ -578,7 +796,7 @@ async fn daemon(config: Config) -> Result<()> {
     );
     info!(state_dir = %config.state_dir.display(), broker = %config.mqtt.url, "hl7-edge running");
 
-    wait_for_signal().await;
+    wait_for_signal(&reloader).await;
     info!("stopping: finishing in-flight messages");
     trigger.fire();
     for s in serving {
@@ -632,18 +850,29 @@ fn create_state_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; on SIGHUP reloads the mappings (a broken set is refused and the
+/// running one kept; see `pipeline::reload`).
+async fn wait_for_signal(reloader: &Arc<pipeline::reload::Reloader>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         error!("cannot install signal handlers; stopping on Ctrl-C only");
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading mappings");
+                let r = reloader.clone();
+                // Loading reads files and compiles: off the async threads.
+                let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+            }
+        }
     }
 }

@@ -34,6 +34,9 @@ pub struct Config {
     pub adapters_dir: Option<PathBuf>,
     /// A folder of YAML mappings. Unset: the mappings embedded in the binary.
     pub mappings_dir: Option<PathBuf>,
+    /// A folder of site mappings loaded on top of `mappings_dir` (or the embedded set): new
+    /// definitions and `overlays:` that change the base ones without copying them.
+    pub site_mappings_dir: Option<PathBuf>,
     pub signing: SigningConfig,
     pub outbox: OutboxConfig,
     pub mqtt: MqttConfig,
@@ -58,6 +61,9 @@ pub struct SiteConfig {
     pub exchange_endpoint: String,
     /// IANA time zone for HL7 timestamps that carry no offset.
     pub timezone: String,
+    /// Site variables for mappings: `[site.variables] pas_system = "..."` is `${site.pas_system}`
+    /// in a mapping value.
+    pub variables: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for SiteConfig {
@@ -68,6 +74,7 @@ impl Default for SiteConfig {
             identifier_base: "https://id.hl7-edge.invalid".into(),
             exchange_endpoint: "https://exchange.invalid/fhir/$process-message".into(),
             timezone: "Europe/London".into(),
+            variables: Default::default(),
         }
     }
 }
@@ -179,6 +186,7 @@ impl Default for Config {
             state_dir: default_state_dir(),
             adapters_dir: None,
             mappings_dir: None,
+            site_mappings_dir: None,
             signing: SigningConfig::default(),
             outbox: OutboxConfig::default(),
             mqtt: MqttConfig::default(),

@@ -13,19 +13,25 @@ pub enum RepSelect {
     All,
     /// `[n]`: the n-th repetition, 1-based.
     Index(usize),
-    /// `[c=A,B]`: the repetitions whose component `c` is one of the values.
+    /// `[c=A,B]` (also written `[CX.5=A,B]`): the repetitions whose component `c`
+    /// (subcomponent `s`) is one of the values; `!=`: none of them.
     Filter {
         component: usize,
+        sub: usize,
         values: Vec<String>,
+        negate: bool,
     },
 }
 
 /// An HL7 source path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hl7Path {
-    /// `SEG`, `SEG-f`, `SEG-f[r]`, `SEG-f.c`, `SEG-f.c.s`.
+    /// `SEG`, `SEG-f`, `SEG-f[r]`, `SEG-f.c`, `SEG-f.c.s`, and `SEG[n]-...` for the n-th
+    /// occurrence of the segment.
     Absolute {
         segment: String,
+        /// 1-based occurrence of the segment within the scope being read (default 1).
+        occurrence: usize,
         field: Option<usize>,
         rep: RepSelect,
         component: Option<usize>,
@@ -46,9 +52,22 @@ impl Hl7Path {
             let (component, sub) = parse_comp_sub(rest)?;
             return Ok(Hl7Path::Relative { component, sub });
         }
-        let (segment, rest) = match s.find('-') {
+        let (head, rest) = match s.find('-') {
             Some(i) => (&s[..i], Some(&s[i + 1..])),
             None => (s, None),
+        };
+        let (segment, occurrence) = match head.split_once('[') {
+            None => (head, 1),
+            Some((seg, occ)) => {
+                let n = occ
+                    .strip_suffix(']')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        format!("`{s}`: a segment occurrence is `{seg}[n]` with n from 1, e.g. `OBX[2]-5`")
+                    })?;
+                (seg, n)
+            }
         };
         if segment.len() != 3
             || !segment
@@ -63,6 +82,7 @@ impl Hl7Path {
         let Some(rest) = rest else {
             return Ok(Hl7Path::Absolute {
                 segment: segment.to_string(),
+                occurrence,
                 field: None,
                 rep: RepSelect::First,
                 component: None,
@@ -97,6 +117,7 @@ impl Hl7Path {
         };
         Ok(Hl7Path::Absolute {
             segment: segment.to_string(),
+            occurrence,
             field: Some(field),
             rep,
             component,
@@ -118,16 +139,29 @@ fn parse_rep(inner: &str) -> Result<RepSelect, String> {
     if inner == "*" {
         return Ok(RepSelect::All);
     }
-    if let Some((c, vals)) = inner.split_once('=') {
-        let component: usize = c
-            .trim()
-            .parse()
-            .map_err(|_| format!("`[{inner}]`: expected `[component=value]`, e.g. `[5=NH]`"))?;
-        if component == 0 {
-            return Err("components are numbered from 1".into());
-        }
+    if let Some((lhs, vals)) = inner.split_once('=') {
+        let (lhs, negate) = match lhs.strip_suffix('!') {
+            Some(l) => (l, true),
+            None => (lhs, false),
+        };
+        // `CX.5` names the datatype for the reader; only the numbers count.
+        let lhs = lhs.trim();
+        let numbers = match lhs.split_once('.') {
+            Some((dt, rest)) if dt.chars().all(|c| c.is_ascii_uppercase()) && !dt.is_empty() => {
+                rest
+            }
+            _ => lhs,
+        };
+        let (component, sub) = parse_comp_sub(numbers).map_err(|_| {
+            format!("`[{inner}]`: expected `[component=value]`, e.g. `[5=NH]` or `[CX.5=NH,NHS]`")
+        })?;
         let values: Vec<String> = vals.split(',').map(|v| v.trim().to_string()).collect();
-        return Ok(RepSelect::Filter { component, values });
+        return Ok(RepSelect::Filter {
+            component,
+            sub: sub.unwrap_or(1),
+            values,
+            negate,
+        });
     }
     match inner.parse::<usize>() {
         Ok(0) | Err(_) => Err(format!(
@@ -157,6 +191,54 @@ fn parse_comp_sub(s: &str) -> Result<(usize, Option<usize>), String> {
         return Err("components and subcomponents are numbered from 1".into());
     }
     Ok((component, sub))
+}
+
+impl fmt::Display for Hl7Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let comp_sub = |f: &mut fmt::Formatter<'_>, c: Option<usize>, s: Option<usize>| {
+            if let Some(c) = c {
+                write!(f, ".{c}")?;
+            }
+            if let Some(s) = s {
+                write!(f, ".{s}")?;
+            }
+            Ok(())
+        };
+        match self {
+            Hl7Path::Relative { component, sub } => comp_sub(f, Some(*component), *sub),
+            Hl7Path::Absolute {
+                segment,
+                occurrence,
+                field,
+                rep,
+                component,
+                sub,
+            } => {
+                f.write_str(segment)?;
+                if *occurrence != 1 {
+                    write!(f, "[{occurrence}]")?;
+                }
+                if let Some(field) = field {
+                    write!(f, "-{field}")?;
+                }
+                match rep {
+                    RepSelect::First => {}
+                    RepSelect::All => f.write_str("[*]")?,
+                    RepSelect::Index(n) => write!(f, "[{n}]")?,
+                    RepSelect::Filter {
+                        component,
+                        sub,
+                        values,
+                        negate,
+                    } => {
+                        let op = if *negate { "!=" } else { "=" };
+                        write!(f, "[{component}.{sub}{op}{}]", values.join(","))?
+                    }
+                }
+                comp_sub(f, *component, *sub)
+            }
+        }
+    }
 }
 
 /// Where in an array a target step writes.
@@ -247,10 +329,13 @@ mod tests {
             Hl7Path::parse("PID-3[5=NH,NHS].1").unwrap(),
             Hl7Path::Absolute {
                 segment: "PID".into(),
+                occurrence: 1,
                 field: Some(3),
                 rep: RepSelect::Filter {
                     component: 5,
-                    values: vec!["NH".into(), "NHS".into()]
+                    sub: 1,
+                    values: vec!["NH".into(), "NHS".into()],
+                    negate: false,
                 },
                 component: Some(1),
                 sub: None
@@ -260,6 +345,7 @@ mod tests {
             Hl7Path::parse("MSH-9.2").unwrap(),
             Hl7Path::Absolute {
                 segment: "MSH".into(),
+                occurrence: 1,
                 field: Some(9),
                 rep: RepSelect::First,
                 component: Some(2),
@@ -280,7 +366,40 @@ mod tests {
                 ..
             }
         ));
+        assert_eq!(
+            Hl7Path::parse("PID-3[CX.5 = NH]").unwrap(),
+            Hl7Path::parse("PID-3[5=NH]").unwrap()
+        );
+        assert!(matches!(
+            Hl7Path::parse("PID-3[CX.4.1!=RRV]").unwrap(),
+            Hl7Path::Absolute {
+                rep: RepSelect::Filter {
+                    component: 4,
+                    sub: 1,
+                    negate: true,
+                    ..
+                },
+                ..
+            }
+        ));
+        assert!(matches!(
+            Hl7Path::parse("OBX[2]-5").unwrap(),
+            Hl7Path::Absolute { occurrence: 2, .. }
+        ));
+        for p in [
+            "OBX[2]-5.1",
+            "PID-3[4.1!=A,B].1",
+            "PID-3[*]",
+            ".1.2",
+            "PV1",
+            "PID-11[2].5",
+        ] {
+            assert_eq!(Hl7Path::parse(p).unwrap().to_string(), p);
+        }
         for bad in [
+            "OBX[0]-5",
+            "OBX[x]-5",
+            "PID-3[CX.x=1]",
             "pid-3",
             "PID-",
             "PID-0",

@@ -1,5 +1,6 @@
 //! The compiled form of a mapping set: what runs per message. Built once by
-//! [`super::compile`]; no YAML and no path strings are looked at per message.
+//! [`super::compile`]; no YAML, no path strings and no names are looked at per message (names
+//! are resolved to indexes and slots, paths parsed, conversions chosen from the target type).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,9 +18,19 @@ pub struct Plan {
 pub struct MessagePlan {
     pub name: String,
     pub matches: Vec<MatchPattern>,
-    pub focus: Vec<String>,
-    pub sender: Option<String>,
+    /// MSH-12 patterns (`2.4`, `2.5*`); empty: any version.
+    pub versions: Vec<String>,
+    /// Indexes into `resources`.
+    pub focus: Vec<usize>,
+    pub sender: Option<usize>,
+    pub groups: Vec<GroupPlan>,
+    /// Message variables and constants, evaluated once per message, in order.
+    pub vars: Vec<VarPlan>,
     pub resources: Vec<ResourcePlan>,
+    /// Variable slots needed (message and resource variables).
+    pub var_slots: usize,
+    /// `file:line:column` of the mapping, for `--explain`.
+    pub origin: Arc<str>,
 }
 
 /// `CODE^TRIGGER^STRUCTURE`, with `*` or absence as a wildcard for trigger and structure.
@@ -36,21 +47,53 @@ impl MatchPattern {
         if !self.code.eq_ignore_ascii_case(code) {
             return None;
         }
-        let mut score = 1;
+        let mut score = 2;
         if let Some(t) = &self.trigger {
             if !t.eq_ignore_ascii_case(trigger) {
                 return None;
             }
-            score += 2;
+            score += 4;
         }
         if let Some(s) = &self.structure {
             if !structure.is_some_and(|x| x.eq_ignore_ascii_case(s)) {
                 return None;
             }
-            score += 4;
+            score += 8;
         }
         Some(score)
     }
+}
+
+/// Whether `version` (MSH-12) matches one of `patterns` (`2.5*` is a prefix), and how
+/// specifically: 0 for "any version" (no patterns), 1 for a match.
+pub fn version_score(patterns: &[String], version: &str) -> Option<u8> {
+    if patterns.is_empty() {
+        return Some(0);
+    }
+    patterns
+        .iter()
+        .any(|p| match p.strip_suffix('*') {
+            Some(prefix) => version.starts_with(prefix),
+            None => p == version,
+        })
+        .then_some(1)
+}
+
+/// A segment group of one message mapping.
+#[derive(Debug)]
+pub struct GroupPlan {
+    pub name: String,
+    pub parent: Option<usize>,
+    pub begin: String,
+    pub lead: Vec<String>,
+    /// Segments that extend an instance: the declared members plus every segment of the
+    /// groups nested in it.
+    pub extend: Vec<String>,
+    /// Segments this group (or a group nested in it) claims: never read from an outer scope.
+    pub owns: Vec<String>,
+    /// Groups declared `in:` this one.
+    pub children: Vec<usize>,
+    pub scope_key: u32,
 }
 
 #[derive(Debug)]
@@ -58,36 +101,110 @@ pub struct ResourcePlan {
     pub name: String,
     pub resource_type: String,
     pub profile: Option<String>,
-    pub for_each: Option<String>,
-    pub when: Vec<Cond>,
+    /// `for:` a group (index into the message's groups).
+    pub group: Option<usize>,
+    /// `each:` a field path, with its scope key.
+    pub each: Option<(Hl7Path, u32)>,
+    pub when: Option<Cond>,
+    pub vars: Vec<VarPlan>,
+    pub key: Vec<Operand>,
+    /// `map:`: a datatype map's rules building the resource body, applied before `rules`.
+    pub body: Option<Arc<Vec<RulePlan>>>,
     pub rules: Vec<RulePlan>,
+    pub origin: Arc<str>,
+}
+
+/// A variable: a named value computed once per message or resource instance.
+#[derive(Debug)]
+pub struct VarPlan {
+    pub slot: usize,
+    pub value: ValueSpec,
+}
+
+/// How a scalar value is obtained and shaped.
+#[derive(Debug)]
+pub struct ValueSpec {
+    pub source: Scalar,
+    pub functions: Vec<Func>,
+    pub lookup: Option<Lookup>,
+    pub default: Option<Template>,
+    pub when: Option<Cond>,
+}
+
+/// A scalar source.
+#[derive(Debug)]
+pub enum Scalar {
+    Path(Hl7Path),
+    Var(usize),
+    Join(Vec<Operand>, String),
+    Value(Template),
+}
+
+/// Something read from the message or a variable.
+#[derive(Debug, Clone)]
+pub enum Operand {
+    Path(Hl7Path),
+    Var(usize),
 }
 
 #[derive(Debug)]
 pub struct RulePlan {
     pub target: TargetPath,
     pub source: Source,
-    pub for_each: Option<Hl7Path>,
-    pub when: Vec<Cond>,
-    pub functions: Vec<Func>,
-    pub lookup: Option<usize>,
+    pub for_each: Option<Iter>,
+    pub when: Option<Cond>,
     pub convert: Convert,
     /// `file:line:column` of the rule, for `--explain` and runtime errors.
     pub origin: Arc<str>,
 }
 
+/// What a rule repeats over.
+#[derive(Debug)]
+pub enum Iter {
+    /// Field repetitions selected by a path; the key names the iteration for references.
+    Reps(Hl7Path, u32),
+    /// Instances of a group (or of a segment) inside the current scope.
+    Group(usize),
+}
+
+// Plans are built once per mapping load, not per message: the size of the largest variant costs
+// nothing on the message path, while boxing it would add an indirection to every rule run.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Source {
-    From(Hl7Path),
-    Value(Template),
-    Ref(String),
+    Scalar(ValueSpec),
+    /// A reference to the resource at this index; `all` expands to one element per matching
+    /// instance (the target ends in `[+]`).
+    Ref {
+        resource: usize,
+        all: bool,
+    },
     Object(Arc<Vec<RulePlan>>),
 }
 
+/// Translation through a value map, shaped for the target element.
+#[derive(Debug, Clone, Copy)]
+pub struct Lookup {
+    pub map: usize,
+    pub shape: Shape,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// A bare code.
+    Code,
+    /// `{system, code, display}`; an untranslated code becomes a coding in the source system.
+    Coding,
+    /// `{coding: [translated, original]}`.
+    CodeableConcept,
+}
+
 #[derive(Debug)]
-pub struct Cond {
-    pub path: Hl7Path,
-    pub test: Test,
+pub enum Cond {
+    Test { subject: Operand, test: Test },
+    All(Vec<Cond>),
+    Any(Vec<Cond>),
+    Not(Box<Cond>),
 }
 
 #[derive(Debug)]
@@ -96,14 +213,34 @@ pub enum Test {
     Equals(String),
     In(Vec<String>),
     NotIn(Vec<String>),
-    NhsNumber { valid: bool },
+    StartsWith(String),
+    NhsNumber {
+        valid: bool,
+    },
+    /// The value has an entry in the value map at this index.
+    InMap(usize),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The fixed function library.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Func {
     Trim,
     Upper,
     Lower,
+    /// `split(sep, n)`: the n-th part (1-based; negative counts from the end).
+    Split(String, i64),
+    Prefix(String),
+    Suffix(String),
+    Replace(String, String),
+    /// SHA-256, lower-case hex.
+    Hash,
+    /// Normalise an NHS number (spaces, hyphens); no value if it fails modulus 11.
+    NhsNumber,
+    /// The site's local identifier system for a kind (`mrn` -> `<base>/<ODS>/mrn`).
+    System,
+    /// `lookup(NAME)`: translate through a value map (its default for unknown codes; without
+    /// one, no value).
+    Lookup(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,10 +249,13 @@ pub enum Convert {
     Date,
     DateTime,
     Instant,
+    Time,
     Boolean,
     Integer,
     Decimal,
     NhsNumber,
+    /// No conversion: the value is an element built by a lookup or a reference.
+    None,
 }
 
 /// A constant with `${...}` variables.
@@ -126,22 +266,48 @@ pub struct Template(pub Vec<TplPart>);
 pub enum TplPart {
     Lit(String),
     Var(Var),
+    /// A mapping variable (slot).
+    User(usize),
+    /// An HL7 path read from the message.
+    Path(Hl7Path),
 }
 
-/// The variables a `value:` may use.
+impl Template {
+    /// The text when the template has no variables at all.
+    pub fn literal(&self) -> Option<String> {
+        let mut s = String::new();
+        for p in &self.0 {
+            match p {
+                TplPart::Lit(l) => s.push_str(l),
+                _ => return None,
+            }
+        }
+        Some(s)
+    }
+}
+
+/// The built-in variables a `value:` may use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Var {
     /// `${site.ods_code}`
     SiteOds,
     /// `${site.appliance_id}`
     ApplianceId,
+    /// `${site.identifier_base}`
+    IdentifierBase,
+    /// `${site.NAME}`: a site variable from the configuration (`[site.variables]`).
+    Site(String),
     /// `${system.KIND}`: the site's local identifier system for KIND (`mrn`, `visit-number`, ...).
     System(String),
     /// `${feed}`: the feed's name.
     Feed,
-    /// `${message.code}`, `${message.trigger}`
+    /// `${message.code}`, `${message.trigger}`, `${message.structure}`, `${message.version}`,
+    /// `${message.control_id}`
     MessageCode,
     MessageTrigger,
+    MessageStructure,
+    MessageVersion,
+    MessageControlId,
 }
 
 impl Var {
@@ -149,19 +315,24 @@ impl Var {
         Some(match s {
             "site.ods_code" => Var::SiteOds,
             "site.appliance_id" => Var::ApplianceId,
+            "site.identifier_base" => Var::IdentifierBase,
             "feed" => Var::Feed,
             "message.code" => Var::MessageCode,
             "message.trigger" => Var::MessageTrigger,
+            "message.structure" => Var::MessageStructure,
+            "message.version" => Var::MessageVersion,
+            "message.control_id" => Var::MessageControlId,
             _ => {
-                let kind = s.strip_prefix("system.")?;
-                if kind.is_empty()
-                    || !kind
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
-                    return None;
+                let ok = |k: &str| {
+                    !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                };
+                if let Some(kind) = s.strip_prefix("system.") {
+                    return ok(kind).then(|| Var::System(kind.to_string()));
                 }
-                Var::System(kind.to_string())
+                let name = s.strip_prefix("site.")?;
+                return ok(name).then(|| Var::Site(name.to_string()));
             }
         })
     }
@@ -170,18 +341,25 @@ impl Var {
 #[derive(Debug)]
 pub struct ValueMap {
     pub name: String,
+    pub system: Option<Template>,
+    pub source_system: Option<Template>,
     pub default: Option<String>,
     pub ignore_case: bool,
     pub entries: HashMap<String, String>,
+    pub display: HashMap<String, String>,
 }
 
 impl ValueMap {
-    pub fn get(&self, code: &str) -> Option<&str> {
+    /// The translation of `code`, and whether it came from `entries` (not the default).
+    pub fn get(&self, code: &str) -> Option<(&str, bool)> {
         let hit = if self.ignore_case {
             self.entries.get(&code.to_ascii_uppercase())
         } else {
             self.entries.get(code)
         };
-        hit.or(self.default.as_ref()).map(String::as_str)
+        match hit {
+            Some(v) => Some((v.as_str(), true)),
+            None => self.default.as_deref().map(|d| (d, false)),
+        }
     }
 }

@@ -4,9 +4,15 @@
 //! [`run_mapper`] is the daemon's worker loop: it takes record ids from ingest (and, at start, every
 //! record still `Received` from the store: crash recovery), runs the CPU-bound work on the blocking
 //! pool, and records the result through the store writer.
+//!
+//! The mapping set can be replaced while the daemon runs ([`reload`]): each message takes the set
+//! current when its mapping starts and keeps it to the end, so a reload never splits a message
+//! between two sets and never drops one.
+
+pub mod reload;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -19,7 +25,7 @@ use crate::fhir::profile::{self, ProfileConfig};
 use crate::fhir::validate;
 use crate::hl7;
 use crate::ingest::adapter::FeedConfig;
-use crate::map::{MapError, MappingSet, RunContext};
+use crate::map::{Explain, Explanation, MapError, MappingSet, RunContext};
 use crate::ops::shutdown::Shutdown;
 use crate::outbox::{BundleInfo, Outbox, RecordId, RecordState, WriterHandle};
 use crate::sign::{self, SigningKey};
@@ -49,11 +55,13 @@ pub enum ProcessError {
 pub struct Produced {
     pub bundle: Value,
     pub warnings: Vec<String>,
+    /// With [`Explain::On`]: which rule produced each element, and what no rule read.
+    pub explain: Option<Explanation>,
 }
 
 /// Bytes -> validated, unsigned Bundle.
 pub struct Processor {
-    pub mappings: Arc<MappingSet>,
+    mappings: RwLock<Arc<MappingSet>>,
     pub site: SiteConfig,
     pub profile: ProfileConfig,
     pub tz: jiff::tz::TimeZone,
@@ -68,11 +76,28 @@ impl Processor {
         let tz = jiff::tz::TimeZone::get(&site.timezone)
             .map_err(|e| format!("site.timezone {:?}: {e}", site.timezone))?;
         Ok(Processor {
-            mappings,
+            mappings: RwLock::new(mappings),
             site,
             profile,
             tz,
         })
+    }
+
+    /// The mapping set in use now.
+    pub fn mappings(&self) -> Arc<MappingSet> {
+        // A poisoned lock still holds a valid set (it is only ever replaced whole).
+        match self.mappings.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the mapping set; messages already being mapped finish with the old one.
+    pub fn replace_mappings(&self, set: Arc<MappingSet>) {
+        match self.mappings.write() {
+            Ok(mut g) => *g = set,
+            Err(p) => *p.into_inner() = set,
+        }
     }
 
     /// Decodes, parses, maps, assembles and validates one message.
@@ -82,18 +107,20 @@ impl Processor {
         feed: &FeedConfig,
         received_at: jiff::Timestamp,
     ) -> Result<Produced, ProcessError> {
-        let produced = self.build(raw, feed, received_at)?;
+        let produced = self.build(raw, feed, received_at, Explain::Off)?;
         self.validate(&produced.bundle)?;
         Ok(produced)
     }
 
-    /// Decodes, parses, maps and assembles one message, without validating the result (for
-    /// `hl7-edge map`, which shows authors the Bundle *and* what is wrong with it).
+    /// Decodes, parses, maps and assembles one message without validating the result (for
+    /// `hl7-edge map`, which shows authors the Bundle *and* what is wrong with it), optionally
+    /// recording where every element came from.
     pub fn build(
         &self,
         raw: &[u8],
         feed: &FeedConfig,
         received_at: jiff::Timestamp,
+        explain: Explain,
     ) -> Result<Produced, ProcessError> {
         let (text, encoding) = hl7::decode_to_utf8(raw, feed.fallback_encoding())?;
         let msg = hl7::parse(&text)?;
@@ -103,8 +130,11 @@ impl Processor {
             feed: &feed.name,
             encoding,
         };
-        let mapped = self.mappings.map(&msg, &cx, &feed.mappings)?;
+        let mut mapped = self
+            .mappings()
+            .map_explained(&msg, &cx, &feed.mappings, explain)?;
         let warnings = mapped.warnings.clone();
+        let explain = mapped.explain.take();
         let digest = ring::digest::digest(&ring::digest::SHA256, raw);
         let mut raw_sha256 = [0u8; 32];
         raw_sha256.copy_from_slice(digest.as_ref());
@@ -116,7 +146,11 @@ impl Processor {
             raw_sha256,
         };
         let bundle = envelope::assemble(&input, mapped);
-        Ok(Produced { bundle, warnings })
+        Ok(Produced {
+            bundle,
+            warnings,
+            explain,
+        })
     }
 
     /// FHIR R4 structure, then the London overlay's minimums.
@@ -153,6 +187,7 @@ impl Processor {
         let Produced {
             mut bundle,
             warnings,
+            ..
         } = self.bundle(raw, feed, received_at)?;
         let when = envelope::instant(jiff::Timestamp::now(), &self.tz);
         let who = serde_json::json!({

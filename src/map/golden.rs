@@ -1,0 +1,155 @@
+//! Golden tests for mappings (`hl7-edge test-mappings`): every `*.hl7` below a tests folder is
+//! mapped and compared with the `*.json` beside it.
+//!
+//! What makes the comparison deterministic: the caller maps with a fixed received time
+//! ([`RECEIVED_AT`], which lands in `Provenance.recorded`), a fixed site (the folder's `site.toml`)
+//! and a fixed feed name ([`FEED`]); [`normalise`] replaces the software version in
+//! `MessageHeader.source.version`, so a release does not invalidate every expectation.
+//!
+//! A failure prints a line diff of the pretty-printed JSON with a little context, so an author
+//! sees the element that changed rather than two walls of JSON.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// The received time every golden Bundle is made with.
+pub const RECEIVED_AT: &str = "2026-01-01T00:00:00Z";
+/// The feed name every golden Bundle is made with.
+pub const FEED: &str = "golden";
+
+/// One golden case: a message and its expected Bundle.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub input: PathBuf,
+    pub expected: PathBuf,
+}
+
+/// Every `*.hl7` below `dir`, sorted.
+pub fn discover(dir: &Path) -> std::io::Result<Vec<Case>> {
+    let mut out = Vec::new();
+    walk(dir, &mut out)?;
+    out.sort_by(|a, b| a.input.cmp(&b.input));
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<Case>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "hl7") {
+            out.push(Case {
+                expected: p.with_extension("json"),
+                input: p,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Removes what legitimately changes between runs of the same mapping.
+pub fn normalise(bundle: &mut Value) {
+    if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
+        for e in entries {
+            let is_header = e.pointer("/resource/resourceType").and_then(Value::as_str)
+                == Some("MessageHeader");
+            if let Some(v) = e.pointer_mut("/resource/source/version")
+                && is_header
+            {
+                *v = Value::String("(version)".into());
+            }
+        }
+    }
+}
+
+/// The text written to and compared with the `.json` file.
+pub fn render(bundle: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(bundle).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// A readable line diff (`-` expected, `+` actual) with two lines of context; empty if equal.
+pub fn diff(expected: &str, actual: &str) -> String {
+    let a: Vec<&str> = expected.lines().collect();
+    let b: Vec<&str> = actual.lines().collect();
+    // Longest common subsequence table (files are a few hundred lines: quadratic is fine).
+    let (n, m) = (a.len(), b.len());
+    if n.saturating_mul(m) > 25_000_000 {
+        return format!(
+            "(too large to diff line by line: {n} expected lines, {m} actual lines differ)\n"
+        );
+    }
+    let mut lcs = vec![vec![0u32; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    // Edit script: (' ', line) / ('-', line) / ('+', line).
+    let mut ops: Vec<(char, &str)> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < n || j < m {
+        if i < n && j < m && a[i] == b[j] {
+            ops.push((' ', a[i]));
+            i += 1;
+            j += 1;
+        } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            ops.push(('-', a[i]));
+            i += 1;
+        } else {
+            ops.push(('+', b[j]));
+            j += 1;
+        }
+    }
+    const CONTEXT: usize = 2;
+    let changed: Vec<usize> = ops
+        .iter()
+        .enumerate()
+        .filter(|(_, (c, _))| *c != ' ')
+        .map(|(k, _)| k)
+        .collect();
+    if changed.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let mut last_shown: Option<usize> = None;
+    for (k, (c, line)) in ops.iter().enumerate() {
+        let near = changed
+            .iter()
+            .any(|x| k + CONTEXT >= *x && k <= x + CONTEXT);
+        if !near {
+            continue;
+        }
+        if let Some(l) = last_shown
+            && k > l + 1
+        {
+            out.push_str("   ...\n");
+        }
+        out.push_str(&format!(" {c} {line}\n"));
+        last_shown = Some(k);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_shows_changed_lines_with_context() {
+        let a = "a\nb\nc\nd\ne\nf\ng\nh\n";
+        let b = "a\nb\nc\nD\ne\nf\ng\nh\n";
+        let d = diff(a, b);
+        assert!(d.contains(" - d\n"), "{d}");
+        assert!(d.contains(" + D\n"), "{d}");
+        assert!(d.contains("   c\n") && d.contains("   e\n"), "{d}");
+        assert!(!d.contains("   a\n"), "only two lines of context: {d}");
+        assert_eq!(diff(a, a), "");
+    }
+}

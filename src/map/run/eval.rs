@@ -1,0 +1,489 @@
+//! Evaluating rules, values, conditions and HL7 paths against one message.
+
+use serde_json::{Map, Value};
+
+use super::scope::{Cursor, RepFrame};
+use super::{PendingRef, REF_MARK, Runner, Val, rep_id, set};
+use crate::fhir::nhs;
+use crate::hl7::decode_escapes;
+use crate::map::path::{Hl7Path, RepSelect};
+use crate::map::plan::*;
+
+/// A rule's result before it is written.
+enum Out {
+    Text(String),
+    Json(Value),
+}
+
+impl<'m> Runner<'_, 'm> {
+    /// Applies `rules` into `obj`; true if a message-derived value landed.
+    pub(super) fn rules(
+        &mut self,
+        rules: &[RulePlan],
+        cur: &Cursor<'_>,
+        obj: &mut Map<String, Value>,
+    ) -> Result<bool, super::RunError> {
+        let mut any = false;
+        for rule in rules {
+            match &rule.for_each {
+                None => any |= self.rule(rule, cur, obj)?,
+                Some(Iter::Reps(p, key)) => {
+                    for (seg, idx, raw) in self.reps(p, cur) {
+                        let frame = RepFrame {
+                            raw,
+                            seg,
+                            key: *key,
+                            id: rep_id(seg, idx),
+                            up: cur.rep,
+                        };
+                        let c = Cursor {
+                            groups: cur.groups,
+                            rep: Some(&frame),
+                        };
+                        any |= self.rule(rule, &c, obj)?;
+                    }
+                }
+                Some(Iter::Group(g)) => {
+                    for stack in self.expand(*g, cur.groups, 0) {
+                        let mut groups = cur.groups.to_vec();
+                        groups.extend(stack);
+                        let c = Cursor {
+                            groups: &groups,
+                            rep: cur.rep,
+                        };
+                        any |= self.rule(rule, &c, obj)?;
+                    }
+                }
+            }
+        }
+        Ok(any)
+    }
+
+    fn rule(
+        &mut self,
+        rule: &RulePlan,
+        cur: &Cursor<'_>,
+        obj: &mut Map<String, Value>,
+    ) -> Result<bool, super::RunError> {
+        if let Some(c) = &rule.when
+            && !self.cond(c, cur)
+        {
+            return Ok(false);
+        }
+        let tracing = self.trace.is_some();
+        let (value, from_message, child_mark) = match &rule.source {
+            Source::Ref { resource, all } => {
+                let idx = self.pending.len();
+                self.pending.push(PendingRef {
+                    resource: *resource,
+                    scope: self.scope_of(cur),
+                    all: *all,
+                });
+                let mut m = Map::new();
+                m.insert(
+                    "reference".into(),
+                    Value::String(format!("{REF_MARK}{idx}")),
+                );
+                (Value::Object(m), true, None)
+            }
+            Source::Object(children) => {
+                let mark = self.trace.as_ref().map(|t| t.elements.len());
+                let mut child = Map::new();
+                if !self.rules(children, cur, &mut child)? {
+                    if let (Some(t), Some(m)) = (&mut self.trace, mark) {
+                        t.elements.truncate(m);
+                    }
+                    return Ok(false);
+                }
+                (Value::Object(child), true, mark)
+            }
+            Source::Scalar(spec) => {
+                let Some((out, from_message)) = self.value(spec, cur, rule) else {
+                    return Ok(false);
+                };
+                let v = match out {
+                    Out::Json(v) => v,
+                    Out::Text(t) => match self.convert(rule, t) {
+                        Some(v) => v,
+                        None => return Ok(false),
+                    },
+                };
+                (v, from_message, None)
+            }
+        };
+        let path = set::set_path(obj, &rule.target, value, rule, tracing)?;
+        if let (Some(t), Some(p)) = (&mut self.trace, path) {
+            if let Some(m) = child_mark {
+                for e in &mut t.elements[m..] {
+                    e.0 = format!("{p}.{}", e.0);
+                }
+            }
+            t.elements.push((p, rule.origin.clone()));
+        }
+        Ok(from_message)
+    }
+
+    /// A value's text (variables), without conversion or shaping beyond a code lookup.
+    pub(super) fn text(&mut self, spec: &ValueSpec, cur: &Cursor<'_>, origin: &str) -> Option<Val> {
+        let (text, from_message) = self.raw_value(spec, cur)?;
+        let text = match spec.lookup {
+            None => text,
+            Some(l) => {
+                let vm = self.plan.valuemaps.get(l.map)?;
+                match vm.get(&text) {
+                    Some((v, _)) => v.to_string(),
+                    None => {
+                        self.warnings.push(format!(
+                            "{origin}: value map `{}` has no entry for the code in this message and no default",
+                            vm.name
+                        ));
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(Val { text, from_message })
+    }
+
+    /// Source, default and functions: the text before lookup.
+    fn raw_value(&mut self, spec: &ValueSpec, cur: &Cursor<'_>) -> Option<(String, bool)> {
+        if let Some(c) = &spec.when
+            && !self.cond(c, cur)
+        {
+            return None;
+        }
+        let got = match &spec.source {
+            Scalar::Path(p) => self.scalar(p, cur).map(|t| (t, true)),
+            Scalar::Var(slot) => self
+                .vars
+                .get(*slot)
+                .and_then(Clone::clone)
+                .map(|v| (v.text, v.from_message)),
+            Scalar::Join(ops, sep) => {
+                let mut parts = Vec::new();
+                let mut msg = false;
+                for o in ops {
+                    match o {
+                        Operand::Path(p) => {
+                            if let Some(t) = self.scalar(p, cur) {
+                                parts.push(t);
+                                msg = true;
+                            }
+                        }
+                        Operand::Var(slot) => {
+                            if let Some(Some(v)) = self.vars.get(*slot) {
+                                parts.push(v.text.clone());
+                                msg |= v.from_message;
+                            }
+                        }
+                    }
+                }
+                (!parts.is_empty()).then(|| (parts.join(sep), msg))
+            }
+            Scalar::Value(t) => Some(self.render(t, cur)),
+        };
+        let (mut text, from_message) = match got {
+            Some(g) => g,
+            None => (self.render(spec.default.as_ref()?, cur).0, false),
+        };
+        for f in &spec.functions {
+            text = super::convert::apply(f, text, self.cx, self.plan)?;
+        }
+        (!text.is_empty()).then_some((text, from_message))
+    }
+
+    /// The full value of a scalar rule: text, or an element built by a value map.
+    fn value(
+        &mut self,
+        spec: &ValueSpec,
+        cur: &Cursor<'_>,
+        rule: &RulePlan,
+    ) -> Option<(Out, bool)> {
+        let (text, from_message) = self.raw_value(spec, cur)?;
+        let Some(l) = spec.lookup else {
+            return Some((Out::Text(text), from_message));
+        };
+        let vm = self.plan.valuemaps.get(l.map)?;
+        let hit = vm.get(&text);
+        let render = |t: &Option<Template>, me: &mut Self| {
+            t.as_ref()
+                .map(|t| me.render(t, cur).0)
+                .filter(|s| !s.is_empty())
+        };
+        let coding = |system: Option<String>, code: &str, display: Option<&String>| {
+            let mut m = Map::new();
+            if let Some(s) = system {
+                m.insert("system".into(), Value::String(s));
+            }
+            m.insert("code".into(), Value::String(code.to_string()));
+            if let Some(d) = display {
+                m.insert("display".into(), Value::String(d.clone()));
+            }
+            Value::Object(m)
+        };
+        let missing = |me: &mut Self| {
+            me.warnings.push(format!(
+                "{}: value map `{}` has no entry for the code in this message and no default",
+                rule.origin, vm.name
+            ));
+        };
+        let out = match l.shape {
+            Shape::Code => match hit {
+                Some((v, _)) => Out::Text(v.to_string()),
+                None => {
+                    missing(self);
+                    return None;
+                }
+            },
+            Shape::Coding => {
+                let source_system = render(&vm.source_system, self);
+                match (hit, source_system) {
+                    (Some((v, true)), _) | (Some((v, false)), None) => {
+                        Out::Json(coding(render(&vm.system, self), v, vm.display.get(v)))
+                    }
+                    // Not in the table: the original code in its own system, never a guess.
+                    (Some((_, false)), Some(src)) | (None, Some(src)) => {
+                        Out::Json(coding(Some(src), &text, None))
+                    }
+                    (None, None) => {
+                        missing(self);
+                        return None;
+                    }
+                }
+            }
+            Shape::CodeableConcept => {
+                let mut codings = Vec::new();
+                if let Some((v, _)) = hit {
+                    codings.push(coding(render(&vm.system, self), v, vm.display.get(v)));
+                }
+                if let Some(src) = render(&vm.source_system, self) {
+                    codings.push(coding(Some(src), &text, None));
+                }
+                if codings.is_empty() {
+                    missing(self);
+                    return None;
+                }
+                let mut m = Map::new();
+                m.insert("coding".into(), Value::Array(codings));
+                Out::Json(Value::Object(m))
+            }
+        };
+        Some((out, from_message))
+    }
+
+    /// Renders a template; the flag says whether any part came from the message.
+    fn render(&mut self, t: &Template, cur: &Cursor<'_>) -> (String, bool) {
+        let h = self.msg.header();
+        let mut s = String::new();
+        let mut msg = false;
+        for p in &t.0 {
+            match p {
+                TplPart::Lit(l) => s.push_str(l),
+                TplPart::Var(v) => match v {
+                    Var::SiteOds => s.push_str(&self.cx.site.ods_code),
+                    Var::ApplianceId => s.push_str(&self.cx.site.appliance_id),
+                    Var::IdentifierBase => s.push_str(&self.cx.site.identifier_base),
+                    Var::Site(name) => match self.cx.site.variables.get(name) {
+                        Some(v) => s.push_str(v),
+                        None => self.warnings.push(format!(
+                            "site variable `{name}` is not configured ([site.variables]); left empty"
+                        )),
+                    },
+                    Var::System(kind) => s.push_str(&self.cx.site.local_system(kind)),
+                    Var::Feed => s.push_str(self.cx.feed),
+                    Var::MessageCode => s.push_str(&h.message_type.code),
+                    Var::MessageTrigger => s.push_str(&h.message_type.trigger),
+                    Var::MessageStructure => {
+                        s.push_str(h.message_type.structure.as_deref().unwrap_or(""))
+                    }
+                    Var::MessageVersion => s.push_str(&h.version),
+                    Var::MessageControlId => s.push_str(&h.control_id),
+                },
+                TplPart::User(slot) => {
+                    if let Some(Some(v)) = self.vars.get(*slot) {
+                        s.push_str(&v.text);
+                        msg |= v.from_message;
+                    }
+                }
+                TplPart::Path(p) => {
+                    if let Some(v) = self.scalar(p, cur) {
+                        s.push_str(&v);
+                        msg = true;
+                    }
+                }
+            }
+        }
+        (s, msg)
+    }
+
+    pub(super) fn operand(&mut self, o: &Operand, cur: &Cursor<'_>) -> Option<String> {
+        match o {
+            Operand::Path(p) => self.scalar(p, cur),
+            Operand::Var(slot) => self
+                .vars
+                .get(*slot)
+                .and_then(|v| v.as_ref().map(|v| v.text.clone())),
+        }
+    }
+
+    pub(super) fn cond(&mut self, c: &Cond, cur: &Cursor<'_>) -> bool {
+        match c {
+            Cond::All(cs) => cs.iter().all(|c| self.cond(c, cur)),
+            Cond::Any(cs) => cs.iter().any(|c| self.cond(c, cur)),
+            Cond::Not(c) => !self.cond(c, cur),
+            Cond::Test { subject, test } => {
+                if let (
+                    Test::Exists(e),
+                    Operand::Path(Hl7Path::Absolute {
+                        segment,
+                        occurrence,
+                        field: None,
+                        ..
+                    }),
+                ) = (test, subject)
+                {
+                    let present = self.find_segment(segment, *occurrence, cur);
+                    if let (Some(t), Some(i)) = (&mut self.trace, present) {
+                        t.used.insert((i, 0));
+                    }
+                    return present.is_some() == *e;
+                }
+                let v = self.operand(subject, cur);
+                match test {
+                    Test::Exists(e) => v.is_some() == *e,
+                    Test::Equals(x) => v.as_deref() == Some(x.as_str()),
+                    Test::In(xs) => v.is_some_and(|v| xs.contains(&v)),
+                    Test::NotIn(xs) => v.is_none_or(|v| !xs.contains(&v)),
+                    Test::StartsWith(x) => v.is_some_and(|v| v.starts_with(x.as_str())),
+                    Test::InMap(i) => v.is_some_and(|v| {
+                        self.plan
+                            .valuemaps
+                            .get(*i)
+                            .is_some_and(|m| m.get(&v).is_some_and(|(_, hit)| hit))
+                    }),
+                    Test::NhsNumber { valid } => {
+                        let ok = v
+                            .as_deref()
+                            .and_then(nhs::normalise_nhs_number)
+                            .is_some_and(|n| nhs::is_valid_nhs_number(&n));
+                        // `invalid` means "present but failing": an absent number is neither.
+                        if *valid { ok } else { !ok && v.is_some() }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Raw repetitions selected by a field path: (segment index, repetition index, text).
+    pub(super) fn reps<'c>(&mut self, p: &Hl7Path, cur: &Cursor<'c>) -> Vec<(usize, usize, &'c str)>
+    where
+        'm: 'c,
+    {
+        let seps = self.msg.separators();
+        match p {
+            Hl7Path::Relative { .. } => cur
+                .rep
+                .map(|f| (f.seg, (f.id & 0xF_FFFF) as usize, f.raw))
+                .into_iter()
+                .collect(),
+            Hl7Path::Absolute {
+                segment,
+                occurrence,
+                field: Some(field),
+                rep,
+                ..
+            } => {
+                let Some(si) = self.find_segment(segment, *occurrence, cur) else {
+                    return Vec::new();
+                };
+                if let Some(t) = &mut self.trace {
+                    t.used.insert((si, *field));
+                }
+                let msg: &'m crate::hl7::Message = self.msg;
+                let Some(seg) = msg.segments().get(si) else {
+                    return Vec::new();
+                };
+                let all = seg.repetitions(*field).into_iter().enumerate();
+                match rep {
+                    RepSelect::First => all.take(1).map(|(i, r)| (si, i, r)).collect(),
+                    RepSelect::All => all.map(|(i, r)| (si, i, r)).collect(),
+                    RepSelect::Index(n) => all
+                        .skip(n.saturating_sub(1))
+                        .take(1)
+                        .map(|(i, r)| (si, i, r))
+                        .collect(),
+                    RepSelect::Filter {
+                        component,
+                        sub,
+                        values,
+                        negate,
+                    } => all
+                        .filter(|(_, r)| {
+                            let c = component_of(
+                                r,
+                                seps.component,
+                                seps.subcomponent,
+                                *component,
+                                *sub,
+                            );
+                            let c = decode_escapes(c, seps, self.cx.encoding);
+                            values.contains(&c) != *negate
+                        })
+                        .map(|(i, r)| (si, i, r))
+                        .collect(),
+                }
+            }
+            Hl7Path::Absolute { field: None, .. } => Vec::new(),
+        }
+    }
+
+    /// The decoded scalar a path points at, or None when absent, empty or `""`.
+    pub(super) fn scalar(&mut self, p: &Hl7Path, cur: &Cursor<'_>) -> Option<String> {
+        let seps = *self.msg.separators();
+        let (rep, component, sub) = match p {
+            Hl7Path::Relative { component, sub } => {
+                let f = cur.rep?;
+                (f.raw, *component, sub.unwrap_or(1))
+            }
+            Hl7Path::Absolute {
+                segment,
+                occurrence,
+                field: Some(field),
+                component,
+                sub,
+                ..
+            } => {
+                // MSH-1 and MSH-2 are the separators themselves: never split them.
+                if segment == "MSH" && *field <= 2 {
+                    let si = self.find_segment(segment, *occurrence, cur)?;
+                    let msg: &'m crate::hl7::Message = self.msg;
+                    return msg
+                        .segments()
+                        .get(si)?
+                        .field_raw(*field)
+                        .map(str::to_string)
+                        .filter(|s| !s.is_empty());
+                }
+                let (_, _, first) = self.reps(p, cur).into_iter().next()?;
+                (first, component.unwrap_or(1), sub.unwrap_or(1))
+            }
+            Hl7Path::Absolute { field: None, .. } => return None,
+        };
+        let raw = component_of(rep, seps.component, seps.subcomponent, component, sub);
+        if raw.is_empty() || raw == "\"\"" {
+            return None;
+        }
+        let text = decode_escapes(raw, &seps, self.cx.encoding);
+        if text.trim().is_empty() {
+            None
+        } else {
+            Some(text)
+        }
+    }
+}
+
+/// Component `c`, subcomponent `s` (1-based) of a raw repetition.
+fn component_of(rep: &str, comp_sep: char, sub_sep: char, c: usize, s: usize) -> &str {
+    let comp = rep.split(comp_sep).nth(c.saturating_sub(1)).unwrap_or("");
+    comp.split(sub_sep).nth(s.saturating_sub(1)).unwrap_or("")
+}

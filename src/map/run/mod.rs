@@ -1,0 +1,401 @@
+//! Runs a compiled [`MessagePlan`] over one parsed message, producing the Bundle's resources.
+//!
+//! Rules of evaluation (documented for authors in `mappings/README.md`):
+//! - A path without a component yields component 1 (subcomponent 1) of the first selected
+//!   repetition; `for:`/`each:` iterate whole repetitions, and `.c` paths read inside them.
+//! - HL7's explicit null `""` and empty values are "absent".
+//! - An element (`object:`/`map:`) or a resource is emitted only if at least one value *from the
+//!   message* (a path, a variable read from the message, or a `ref:`) landed in it: constants
+//!   alone never make an element, so a missing PID-32 never leaves a half-built extension.
+//! - References are resolved after every resource is built, by scope: a reference picks the
+//!   instances of the named resource that agree with it on every group instance and repetition
+//!   they share (the DiagnosticReport of an order gets that order's Observations).
+//! - Ids are deterministic: UUIDv5 of (site ODS code, resource type, declared `key:` values), else
+//!   of the first identifier's system and value, else of the message's sender and control id, the
+//!   resource's local name and its occurrence. A re-sent message yields the same ids.
+
+mod convert;
+mod eval;
+mod scope;
+mod set;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::plan::*;
+use crate::config::SiteConfig;
+use crate::fhir::ids;
+use crate::hl7::Message;
+use scope::{Cursor, RepFrame, ScopeIds, compatible};
+
+/// Per-message inputs besides the message itself.
+pub struct RunContext<'a> {
+    pub site: &'a SiteConfig,
+    pub tz: &'a jiff::tz::TimeZone,
+    pub feed: &'a str,
+    pub encoding: &'static encoding_rs::Encoding,
+}
+
+/// One built resource.
+#[derive(Debug, Clone)]
+pub struct BuiltResource {
+    pub name: String,
+    pub resource_type: String,
+    pub id: uuid::Uuid,
+    pub json: Map<String, Value>,
+}
+
+/// What a mapping produced: resources in mapping order, plus warnings (no patient data).
+#[derive(Debug, Default)]
+pub struct MapResult {
+    pub resources: Vec<BuiltResource>,
+    pub focus: Vec<usize>,
+    pub sender: Option<usize>,
+    pub warnings: Vec<String>,
+    /// With [`Explain::On`]: where every element came from, and what was not read.
+    pub explain: Option<Explanation>,
+}
+
+/// Whether to record where each element came from (costs time; for `map --explain`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Explain {
+    Off,
+    On,
+}
+
+/// The answer to "which rule produced this, and what did no rule read?". No values, only
+/// names and positions, so it carries no patient data.
+#[derive(Debug, Default)]
+pub struct Explanation {
+    /// The message mapping used, and where it is defined.
+    pub mapping: String,
+    pub mapping_origin: String,
+    /// Per built resource: (element path, rule `file:line:column`).
+    pub elements: Vec<Vec<(String, Arc<str>)>>,
+    /// Segments no rule read: (segment name, 1-based line in the message).
+    pub unused_segments: Vec<(String, usize)>,
+    /// Non-empty fields no rule read, as `PID-19` (with the segment's line).
+    pub unused_fields: Vec<(String, usize)>,
+}
+
+/// A mapping defect found while running (a target path that conflicts with an earlier rule).
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct RunError {
+    pub origin: String,
+    pub message: String,
+}
+
+/// A value with whether it came from the message (not only from constants).
+#[derive(Debug, Clone)]
+pub(crate) struct Val {
+    pub text: String,
+    pub from_message: bool,
+}
+
+/// A reference waiting for every resource to be built.
+struct PendingRef {
+    resource: usize,
+    scope: ScopeIds,
+    all: bool,
+}
+
+/// Recording for `--explain`.
+#[derive(Default)]
+struct Trace {
+    used: HashSet<(usize, usize)>,
+    elements: Vec<(String, Arc<str>)>,
+}
+
+pub(crate) const REF_MARK: &str = "\u{1}ref:";
+
+pub(crate) struct Runner<'a, 'm> {
+    msg: &'m Message,
+    cx: &'a RunContext<'a>,
+    plan: &'a Plan,
+    mp: &'a MessagePlan,
+    warnings: Vec<String>,
+    vars: Vec<Option<Val>>,
+    pending: Vec<PendingRef>,
+    trace: Option<Trace>,
+}
+
+struct Built {
+    plan_index: usize,
+    scope: ScopeIds,
+    resource: BuiltResource,
+    trace: Vec<(String, Arc<str>)>,
+}
+
+/// Maps `msg` with `mp`.
+pub fn run(
+    plan: &Plan,
+    mp: &MessagePlan,
+    msg: &Message,
+    cx: &RunContext<'_>,
+    explain: Explain,
+) -> Result<MapResult, RunError> {
+    let mut r = Runner {
+        msg,
+        cx,
+        plan,
+        mp,
+        warnings: Vec::new(),
+        vars: vec![None; mp.var_slots],
+        pending: Vec::new(),
+        trace: (explain == Explain::On).then(Trace::default),
+    };
+    let root = Cursor {
+        groups: &[],
+        rep: None,
+    };
+    for v in &mp.vars {
+        let val = r.text(&v.value, &root, &mp.origin);
+        if let Some(slot) = r.vars.get_mut(v.slot) {
+            *slot = val;
+        }
+    }
+
+    let mut built: Vec<Built> = Vec::new();
+    for (ri, rp) in mp.resources.iter().enumerate() {
+        let stacks = match rp.group {
+            Some(g) => r.expand(g, &[], 0),
+            None => vec![Vec::new()],
+        };
+        let mut occ = 0usize;
+        for stack in &stacks {
+            let cur = Cursor {
+                groups: stack,
+                rep: None,
+            };
+            match &rp.each {
+                None => {
+                    r.instance(ri, rp, &cur, occ, &mut built)?;
+                    occ += 1;
+                }
+                Some((p, key)) => {
+                    for (seg, idx, raw) in r.reps(p, &cur) {
+                        let frame = RepFrame {
+                            raw,
+                            seg,
+                            key: *key,
+                            id: rep_id(seg, idx),
+                            up: None,
+                        };
+                        let c = Cursor {
+                            groups: stack,
+                            rep: Some(&frame),
+                        };
+                        r.instance(ri, rp, &c, occ, &mut built)?;
+                        occ += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    // Resolve references now that every id is known; drop those whose target was not produced.
+    let targets: Vec<(usize, ScopeIds, String)> = built
+        .iter()
+        .map(|b| (b.plan_index, b.scope.clone(), ids::urn(&b.resource.id)))
+        .collect();
+    let resolved: Vec<Vec<&str>> = r
+        .pending
+        .iter()
+        .map(|p| {
+            let it = targets
+                .iter()
+                .filter(|(i, s, _)| *i == p.resource && compatible(&p.scope, s))
+                .map(|(_, _, u)| u.as_str());
+            if p.all {
+                it.collect()
+            } else {
+                it.take(1).collect()
+            }
+        })
+        .collect();
+    for b in &mut built {
+        let mut v = Value::Object(std::mem::take(&mut b.resource.json));
+        set::resolve_refs(&mut v, &resolved);
+        set::prune(&mut v);
+        if let Value::Object(m) = v {
+            b.resource.json = m;
+        }
+    }
+
+    let first_of = |i: usize| built.iter().position(|b| b.plan_index == i);
+    let focus = mp
+        .focus
+        .iter()
+        .filter_map(|i| first_of(*i))
+        .take(1)
+        .collect();
+    let sender = mp.sender.and_then(first_of);
+    let explain = r.trace.take().map(|t| r.explanation(t, &built));
+    Ok(MapResult {
+        resources: built.into_iter().map(|b| b.resource).collect(),
+        focus,
+        sender,
+        warnings: r.warnings,
+        explain,
+    })
+}
+
+/// A unique id for repetition `idx` of a field of segment `seg`.
+fn rep_id(seg: usize, idx: usize) -> u64 {
+    ((seg as u64) << 20) | (idx as u64 & 0xF_FFFF)
+}
+
+impl<'m> Runner<'_, 'm> {
+    /// Builds one instance of a resource (if its conditions hold and the message gave it data).
+    fn instance(
+        &mut self,
+        ri: usize,
+        rp: &ResourcePlan,
+        cur: &Cursor<'_>,
+        occ: usize,
+        built: &mut Vec<Built>,
+    ) -> Result<(), RunError> {
+        for v in &rp.vars {
+            let val = self.text(&v.value, cur, &rp.origin);
+            if let Some(slot) = self.vars.get_mut(v.slot) {
+                *slot = val;
+            }
+        }
+        if let Some(c) = &rp.when
+            && !self.cond(c, cur)
+        {
+            return Ok(());
+        }
+        let mark = self.trace.as_ref().map(|t| t.elements.len());
+        let mut content = Map::new();
+        let mut any = false;
+        if let Some(body) = &rp.body {
+            any |= self.rules(body, cur, &mut content)?;
+        }
+        any |= self.rules(&rp.rules, cur, &mut content)?;
+        let trace = match (&mut self.trace, mark) {
+            (Some(t), Some(m)) => t.elements.split_off(m),
+            _ => Vec::new(),
+        };
+        if !any {
+            return Ok(());
+        }
+        let id = self.resource_id(rp, cur, &content, occ);
+        let mut json = Map::new();
+        json.insert(
+            "resourceType".into(),
+            Value::String(rp.resource_type.clone()),
+        );
+        json.insert("id".into(), Value::String(id.to_string()));
+        let mut meta = match content.remove("meta") {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        if let Some(p) = &rp.profile {
+            let profiles = meta
+                .entry("profile")
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Value::Array(a) = profiles {
+                a.insert(0, Value::String(p.clone()));
+            }
+        }
+        meta.insert("source".into(), Value::String(self.cx.site.appliance_uri()));
+        json.insert("meta".into(), Value::Object(meta));
+        json.extend(content);
+        built.push(Built {
+            plan_index: ri,
+            scope: self.scope_of(cur),
+            resource: BuiltResource {
+                name: rp.name.clone(),
+                resource_type: rp.resource_type.clone(),
+                id,
+                json,
+            },
+            trace,
+        });
+        Ok(())
+    }
+
+    fn resource_id(
+        &mut self,
+        rp: &ResourcePlan,
+        cur: &Cursor<'_>,
+        content: &Map<String, Value>,
+        occ: usize,
+    ) -> uuid::Uuid {
+        let site = self.cx.site;
+        if !rp.key.is_empty() {
+            let values: Vec<Option<String>> = rp.key.iter().map(|k| self.operand(k, cur)).collect();
+            if values.iter().any(Option::is_some) {
+                let mut parts: Vec<&str> = vec![&site.ods_code, &rp.resource_type, "key"];
+                parts.extend(values.iter().map(|v| v.as_deref().unwrap_or("")));
+                return ids::resource_uuid(&parts);
+            }
+        }
+        let first_identifier = content
+            .get("identifier")
+            .and_then(|v| match v {
+                Value::Array(a) => a.first(),
+                other => Some(other),
+            })
+            .and_then(|i| {
+                let system = i.get("system")?.as_str()?;
+                let value = i.get("value")?.as_str()?;
+                Some((system, value))
+            });
+        match first_identifier {
+            Some((system, value)) => {
+                ids::resource_uuid(&[&site.ods_code, &rp.resource_type, system, value])
+            }
+            None => {
+                let h = self.msg.header();
+                let occ = occ.to_string();
+                ids::resource_uuid(&[
+                    &site.ods_code,
+                    &rp.resource_type,
+                    "message",
+                    &h.sending_application,
+                    &h.sending_facility,
+                    &h.control_id,
+                    &rp.name,
+                    &occ,
+                ])
+            }
+        }
+    }
+
+    fn explanation(&self, t: Trace, built: &[Built]) -> Explanation {
+        let mut used = t.used;
+        // The envelope reads these MSH fields itself.
+        for f in [1, 2, 3, 4, 7, 9, 10, 12, 18] {
+            used.insert((0, f));
+        }
+        let mut unused_segments = Vec::new();
+        let mut unused_fields = Vec::new();
+        for (i, seg) in self.msg.segments().iter().enumerate() {
+            let any = used.iter().any(|(s, _)| *s == i);
+            if !any && i > 0 {
+                unused_segments.push((seg.name().to_string(), i + 1));
+                continue;
+            }
+            for f in 1..=seg.field_count() {
+                let present = seg
+                    .field_raw(f)
+                    .is_some_and(|v| !v.is_empty() && v != "\"\"");
+                if present && !used.contains(&(i, f)) {
+                    unused_fields.push((format!("{}-{f}", seg.name()), i + 1));
+                }
+            }
+        }
+        Explanation {
+            mapping: self.mp.name.clone(),
+            mapping_origin: self.mp.origin.to_string(),
+            elements: built.iter().map(|b| b.trace.clone()).collect(),
+            unused_segments,
+            unused_fields,
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Where a path reads from: segment groups found in the message, and the cursor (the group
+//! instances and field repetitions a rule is inside).
+//!
+//! A group instance starts at its `begin` segment, takes the `lead` segments right before it, and
+//! runs over the following segments that belong to the group (its members and those of groups
+//! nested in it). Its *direct* segments are those not inside a nested group's instance, so an
+//! OBR's NTE and an OBX's NTE are told apart.
+//!
+//! An absolute path (`NTE-3`) is read from the innermost group instance whose group claims that
+//! segment; if the instance has none, the value is absent (it is never borrowed from a sibling or
+//! from elsewhere in the message). Segments no enclosing group claims are read from the whole
+//! message.
+
+use super::Runner;
+
+/// One instance of a group.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupFrame {
+    pub group: usize,
+    /// Every segment index of the instance, in order.
+    pub all: Vec<usize>,
+    /// The segment indexes not inside a nested group's instance.
+    pub direct: Vec<usize>,
+    /// Unique within the message (the index of the `begin` segment).
+    pub id: u64,
+}
+
+/// One field repetition being iterated.
+pub(crate) struct RepFrame<'c> {
+    pub raw: &'c str,
+    pub seg: usize,
+    pub key: u32,
+    pub id: u64,
+    pub up: Option<&'c RepFrame<'c>>,
+}
+
+/// What a rule is inside.
+#[derive(Clone, Copy)]
+pub(crate) struct Cursor<'c> {
+    pub groups: &'c [GroupFrame],
+    pub rep: Option<&'c RepFrame<'c>>,
+}
+
+/// `(scope key, instance id)` pairs: which instances a value or a resource belongs to.
+pub(crate) type ScopeIds = Vec<(u32, u64)>;
+
+/// Whether two scopes agree on every iteration they share.
+pub(crate) fn compatible(a: &[(u32, u64)], b: &[(u32, u64)]) -> bool {
+    a.iter()
+        .all(|(k, i)| b.iter().all(|(k2, j)| k != k2 || i == j))
+}
+
+impl Runner<'_, '_> {
+    pub(crate) fn scope_of(&self, cur: &Cursor<'_>) -> ScopeIds {
+        let mut s: ScopeIds = cur
+            .groups
+            .iter()
+            .filter_map(|f| self.mp.groups.get(f.group).map(|g| (g.scope_key, f.id)))
+            .collect();
+        let mut r = cur.rep;
+        while let Some(f) = r {
+            s.push((f.key, f.id));
+            r = f.up;
+        }
+        s
+    }
+
+    /// The segment index an absolute path reads (see the module docs).
+    pub(crate) fn find_segment(
+        &self,
+        name: &str,
+        occurrence: usize,
+        cur: &Cursor<'_>,
+    ) -> Option<usize> {
+        let segs = self.msg.segments();
+        let nth = occurrence.checked_sub(1)?;
+        for f in cur.groups.iter().rev() {
+            let Some(g) = self.mp.groups.get(f.group) else {
+                continue;
+            };
+            if g.owns.iter().any(|s| s == name) {
+                return f
+                    .direct
+                    .iter()
+                    .copied()
+                    .filter(|i| segs.get(*i).is_some_and(|s| s.name() == name))
+                    .nth(nth);
+            }
+        }
+        segs.iter()
+            .enumerate()
+            .filter(|(_, s)| s.name() == name)
+            .map(|(i, _)| i)
+            .nth(nth)
+    }
+
+    /// Every way to enter group `g` from `ctx`: the frames to push, outermost first.
+    pub(crate) fn expand(
+        &self,
+        g: usize,
+        ctx: &[GroupFrame],
+        depth: usize,
+    ) -> Vec<Vec<GroupFrame>> {
+        let Some(plan) = self.mp.groups.get(g) else {
+            return Vec::new();
+        };
+        if depth > self.mp.groups.len() {
+            return Vec::new();
+        }
+        let bases: Vec<(Vec<GroupFrame>, Vec<usize>)> = match plan.parent {
+            Some(p) => match ctx.iter().rev().find(|f| f.group == p) {
+                Some(pf) => vec![(Vec::new(), pf.all.clone())],
+                None => self
+                    .expand(p, ctx, depth + 1)
+                    .into_iter()
+                    .map(|stack| {
+                        let within = stack.last().map(|f| f.all.clone()).unwrap_or_default();
+                        (stack, within)
+                    })
+                    .collect(),
+            },
+            None => match ctx.last() {
+                Some(f) => vec![(Vec::new(), f.direct.clone())],
+                None => vec![(Vec::new(), (0..self.msg.segments().len()).collect())],
+            },
+        };
+        let mut out = Vec::new();
+        for (prefix, within) in bases {
+            for inst in self.instances(g, &within, 0) {
+                let mut stack = prefix.clone();
+                stack.push(inst);
+                out.push(stack);
+            }
+        }
+        out
+    }
+
+    /// The instances of group `g` among the segments `within` (indexes, in order).
+    fn instances(&self, g: usize, within: &[usize], depth: usize) -> Vec<GroupFrame> {
+        let Some(plan) = self.mp.groups.get(g) else {
+            return Vec::new();
+        };
+        let segs = self.msg.segments();
+        let name = |k: usize| within.get(k).and_then(|i| segs.get(*i)).map(|s| s.name());
+        let is = |k: usize, list: &[String]| name(k).is_some_and(|n| list.iter().any(|s| s == n));
+        let mut out = Vec::new();
+        let mut k = 0;
+        let mut floor = 0;
+        while k < within.len() {
+            if name(k) != Some(plan.begin.as_str()) {
+                k += 1;
+                continue;
+            }
+            let mut start = k;
+            while start > floor && is(start - 1, &plan.lead) {
+                start -= 1;
+            }
+            let mut end = k + 1;
+            while end < within.len()
+                && is(end, &plan.extend)
+                && name(end) != Some(plan.begin.as_str())
+            {
+                end += 1;
+            }
+            let all: Vec<usize> = within[start..end].to_vec();
+            let mut nested = vec![false; all.len()];
+            if depth <= self.mp.groups.len() {
+                for c in &plan.children {
+                    for inst in self.instances(*c, &all, depth + 1) {
+                        for i in &inst.all {
+                            if let Some(pos) = all.iter().position(|x| x == i) {
+                                nested[pos] = true;
+                            }
+                        }
+                    }
+                }
+            }
+            let direct = all
+                .iter()
+                .zip(&nested)
+                .filter(|(_, n)| !**n)
+                .map(|(i, _)| *i)
+                .collect();
+            out.push(GroupFrame {
+                group: g,
+                all,
+                direct,
+                id: within[k] as u64,
+            });
+            floor = end;
+            k = end;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scopes_agree_on_shared_keys_only() {
+        use super::compatible;
+        assert!(compatible(&[], &[(1, 5)]));
+        assert!(compatible(&[(1, 5)], &[(1, 5), (2, 7)]));
+        assert!(!compatible(&[(1, 5)], &[(1, 6), (2, 7)]));
+        assert!(compatible(&[(3, 1)], &[(1, 6)]));
+    }
+}
