@@ -21,7 +21,8 @@ fn bench(c: &mut Criterion) {
     let feeds = adapter::load(None).expect("embedded feed");
     let feed = &feeds[0];
     let set = MappingSet::embedded().expect("embedded mappings");
-    let p = Processor::new(Arc::new(set), SiteConfig::default()).expect("processor");
+    let p = Processor::new(Arc::new(set), SiteConfig::default(), Default::default())
+        .expect("processor");
     let (key, _) = SigningKey::generate().expect("key");
     let now = jiff::Timestamp::now();
 

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-20000}"
 ./scripts/test-deps.sh >/dev/null
-cargo build --release --locked --bin hl7-edge --example loadgen 2>&1 | tail -1
+[ "${SKIP_BUILD:-}" = 1 ] || cargo build --release --locked --bin hl7-edge --example loadgen 2>&1 | tail -1
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
@@ -27,10 +27,10 @@ for c in 1 8 64; do
   printf 'name = "bench"\n[transport]\nkind = "mllp"\nbind = "127.0.0.1:%s"\n' "$lport" > "$work/$c/adapters/bench.toml"
   printf 'state_dir = "%s"\nadapters_dir = "%s"\n[site]\nods_code = "RRV"\nappliance_id = "bench"\n[mqtt]\nurl = "mqtt://127.0.0.1:%s"\n[log]\nlevel = "warn"\n' \
     "$work/$c/state" "$work/$c/adapters" "$mport" > "$work/$c/config.toml"
-  ./target/release/hl7-edge run --config "$work/$c/config.toml" 2>"$work/$c/daemon.log" &
+  "${CARGO_TARGET_DIR:-target}"/release/hl7-edge run --config "$work/$c/config.toml" 2>"$work/$c/daemon.log" &
   daemon=$!
   for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$lport) 2>/dev/null && break; sleep 0.1; done
-  ./target/release/examples/loadgen --addr "127.0.0.1:$lport" -n "$N" -c "$c" \
+  "${CARGO_TARGET_DIR:-target}"/release/examples/loadgen --addr "127.0.0.1:$lport" -n "$N" -c "$c" \
     --mqtt "127.0.0.1:$mport" --topic 'hl7-edge/bench/#'
   rss=$(awk '/VmHWM/ {print $2}' /proc/$daemon/status)
   echo "daemon peak RSS: $((rss / 1024)) MiB"

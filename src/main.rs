@@ -13,6 +13,7 @@ use tracing::{error, info};
 use hl7_edge::config::Config;
 use hl7_edge::forward;
 use hl7_edge::ingest::adapter::{self, FeedConfig, Transport};
+use hl7_edge::ingest::serial::SerialSource;
 use hl7_edge::ingest::{Intake, mllp};
 use hl7_edge::map::MappingSet;
 use hl7_edge::ops::{admin, logging, shutdown};
@@ -39,7 +40,8 @@ struct Cli {
 enum Command {
     /// Run the daemon: listen on every feed, map, sign, store and forward.
     Run,
-    /// Print the Bundle a message would produce, without any network or state.
+    /// Print the Bundle a message would produce, without any network or state (exit 1 if it
+    /// would be quarantined: the reasons go to stderr).
     Map {
         /// A file holding one HL7 v2 message.
         file: PathBuf,
@@ -165,15 +167,22 @@ fn cmd_map(
     let feeds = adapter::load(config.adapters_dir.as_deref())?;
     let feed = pick_feed(&feeds, feed)?;
     let set = load_mappings(&config, mappings)?;
-    let processor =
-        Processor::new(Arc::new(set), config.site.clone()).map_err(anyhow::Error::msg)?;
+    let processor = Processor::new(Arc::new(set), config.site.clone(), config.profile.clone())
+        .map_err(anyhow::Error::msg)?;
     let raw = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let produced = processor.bundle(&raw, feed, jiff::Timestamp::now())?;
+    let produced = processor.build(&raw, feed, jiff::Timestamp::now())?;
+    println!("{}", serde_json::to_string_pretty(&produced.bundle)?);
     for w in &produced.warnings {
         eprintln!("note: {w}");
     }
-    println!("{}", serde_json::to_string_pretty(&produced.bundle)?);
-    Ok(ExitCode::SUCCESS)
+    // The Bundle is shown even when invalid: the author needs to see both.
+    match processor.validate(&produced.bundle) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: this Bundle would be quarantined: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn pick_feed<'a>(feeds: &'a [FeedConfig], name: Option<&str>) -> Result<&'a FeedConfig> {
@@ -491,22 +500,39 @@ async fn daemon(config: Config) -> Result<()> {
     let (trigger, shutdown) = shutdown::channel();
     let (ids_tx, ids_rx) = tokio::sync::mpsc::unbounded_channel();
 
+    let processor = Arc::new(
+        Processor::new(
+            Arc::new(mappings),
+            config.site.clone(),
+            config.profile.clone(),
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    // Ingest refuses messages while the state directory's disk is nearly full.
+    let disk = Arc::new(hl7_edge::ingest::disk::DiskGuard::new(
+        config.state_dir.clone(),
+        config.outbox.min_free_disk_bytes,
+    ));
     let mut feed_map = HashMap::new();
     let mut listeners = Vec::new();
+    let mut serial_sources = Vec::new();
     for feed in feeds {
         let feed = Arc::new(feed);
         feed_map.insert(feed.name.clone(), feed.clone());
-        let intake = Arc::new(Intake::new(feed.clone(), writer.clone(), ids_tx.clone()));
+        let intake = Arc::new(
+            Intake::new(feed.clone(), writer.clone(), ids_tx.clone())
+                .with_disk_guard(disk.clone())
+                .with_check(processor.clone()),
+        );
         match &feed.transport {
             Transport::Mllp(m) => listeners.push(mllp::Listener::bind(m.clone(), intake).await?),
+            // A serial device may be missing at start: its source retries in the background.
+            Transport::Serial(s) => serial_sources.push(SerialSource::new(s.clone(), intake)),
         }
     }
     let admin_ids_tx = ids_tx.clone();
     drop(ids_tx);
 
-    let processor = Arc::new(
-        Processor::new(Arc::new(mappings), config.site.clone()).map_err(anyhow::Error::msg)?,
-    );
     let mapper = tokio::spawn(pipeline::run_mapper(
         processor,
         key,
@@ -541,10 +567,15 @@ async fn daemon(config: Config) -> Result<()> {
         config.outbox.audit_retention_days,
         trigger.subscribe(),
     ));
-    let serving: Vec<_> = listeners
+    let mut serving: Vec<_> = listeners
         .into_iter()
         .map(|l| tokio::spawn(l.serve(trigger.subscribe())))
         .collect();
+    serving.extend(
+        serial_sources
+            .into_iter()
+            .map(|s| tokio::spawn(s.serve(trigger.subscribe()))),
+    );
     info!(state_dir = %config.state_dir.display(), broker = %config.mqtt.url, "hl7-edge running");
 
     wait_for_signal().await;

@@ -53,6 +53,11 @@
 //! byte counters and per-state counts live in the same transaction as the records, so they are
 //! never out of step after a crash.
 //!
+//! # Duplicates window
+//!
+//! Two more tables hold the duplicates window of ingest (`dedup.rs`): checked and updated in
+//! the same transaction as the insert they guard ([`WriterHandle::insert_dedup`]).
+//!
 //! # Why one writer
 //!
 //! redb allows one write transaction at a time and each durable commit costs an fsync. One
@@ -68,10 +73,12 @@
 //! running daemon through its admin socket ([`crate::ops::admin`]), which executes them with the
 //! daemon's own handle and writer; on a stopped daemon the command opens the file itself.
 
+mod dedup;
 mod error;
 mod store;
 mod writer;
 
+pub use dedup::{ConflictPolicy, DedupInsert, DedupKey, DedupOutcome, content_hash};
 pub use error::StoreError;
 pub use store::{
     AuditEntry, BundleInfo, FeedCounters, ListFilter, NewRecord, Outbox, OutboxLimits, OutboxStats,

@@ -321,6 +321,8 @@ pub enum WriteOp {
     PruneAudit {
         cutoff_ms: u64,
     },
+    /// An insert guarded by the duplicates window (see `dedup.rs`).
+    InsertDedup(Box<super::dedup::DedupInsert>),
 }
 
 /// The successful result of one [`WriteOp`].
@@ -329,6 +331,8 @@ pub enum WriteOutcome {
     Inserted(RecordId),
     Done,
     Pruned(u64),
+    /// The result of [`WriteOp::InsertDedup`].
+    Dedup(super::dedup::DedupOutcome),
     /// A retry moved the record to this state.
     Retried(StateKind),
 }
@@ -401,6 +405,8 @@ struct Tables<'txn> {
     to_map: Table<'txn, u64, ()>,
     audit: Table<'txn, u64, &'static [u8]>,
     counters: Table<'txn, &'static str, u64>,
+    dedup: Table<'txn, &'static str, &'static [u8]>,
+    dedup_by_expiry: Table<'txn, (u64, &'static str), ()>,
 }
 
 impl Outbox {
@@ -530,6 +536,12 @@ impl Outbox {
             counters: txn
                 .open_table(COUNTERS)
                 .map_err(self.storage("open counters"))?,
+            dedup: txn
+                .open_table(super::dedup::DEDUP)
+                .map_err(self.storage("open dedup_window"))?,
+            dedup_by_expiry: txn
+                .open_table(super::dedup::DEDUP_BY_EXPIRY)
+                .map_err(self.storage("open dedup_by_expiry"))?,
         })
     }
 
@@ -826,7 +838,7 @@ impl Outbox {
             // the batch inserts (the oldest pending record can only get younger within a batch).
             let mut oldest: Option<Option<u64>> = None;
             for op in ops {
-                if matches!(op, WriteOp::Insert(_))
+                if matches!(op, WriteOp::Insert(_) | WriteOp::InsertDedup(_))
                     && self.inner.limits.max_age_ms > 0
                     && oldest.is_none()
                 {
@@ -835,7 +847,13 @@ impl Outbox {
                 let (r, effect) = self.apply_one(&mut t, op, now, oldest.flatten())?;
                 changed |= matches!(
                     r,
-                    Ok(WriteOutcome::Inserted(_) | WriteOutcome::Done | WriteOutcome::Retried(_))
+                    Ok(WriteOutcome::Inserted(_)
+                        | WriteOutcome::Done
+                        | WriteOutcome::Retried(_)
+                        | WriteOutcome::Dedup(
+                            super::dedup::DedupOutcome::Stored(_)
+                                | super::dedup::DedupOutcome::StoredConflict { .. }
+                        ))
                 );
                 results.push(r);
                 effects.push(effect);
@@ -1302,6 +1320,26 @@ impl Outbox {
                         at: now,
                     },
                 ))
+            }
+            WriteOp::InsertDedup(d) => {
+                use super::dedup;
+                let seen = dedup::lookup(&t.dedup, &d.key, now)
+                    .map_err(self.storage("read dedup_window"))?;
+                if let Some(out) = dedup::short_circuit(&seen, d.on_conflict) {
+                    return Ok((Ok(WriteOutcome::Dedup(out)), Effect::None));
+                }
+                let (inserted, effect) = self.apply_one(
+                    t,
+                    &WriteOp::Insert(d.record.clone()),
+                    now,
+                    oldest_pending_ms,
+                )?;
+                let Ok(WriteOutcome::Inserted(id)) = inserted else {
+                    return Ok((inserted, effect));
+                };
+                let out = dedup::remember(&mut t.dedup, &mut t.dedup_by_expiry, d, id, &seen, now)
+                    .map_err(self.storage("write dedup_window"))?;
+                Ok((Ok(WriteOutcome::Dedup(out)), effect))
             }
             WriteOp::PruneAudit { cutoff_ms } => {
                 let mut pruned = 0u64;

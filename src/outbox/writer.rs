@@ -93,7 +93,7 @@ impl std::fmt::Debug for Msg {
 }
 
 impl WriterHandle {
-    async fn submit(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+    pub(super) async fn submit(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Op(op, reply))

@@ -15,6 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::SiteConfig;
 use crate::fhir::envelope::{self, EnvelopeInput};
+use crate::fhir::profile::{self, ProfileConfig};
 use crate::fhir::validate;
 use crate::hl7;
 use crate::ingest::adapter::FeedConfig;
@@ -35,6 +36,8 @@ pub enum ProcessError {
     Map(#[from] MapError),
     #[error("validation: {0}")]
     Invalid(#[from] validate::Invalid),
+    #[error("London profile: {}", .0.join("; "))]
+    Profile(Vec<String>),
     #[error("signing: {0}")]
     Sign(#[from] sign::SignError),
     #[error("serialise: {0}")]
@@ -52,18 +55,41 @@ pub struct Produced {
 pub struct Processor {
     pub mappings: Arc<MappingSet>,
     pub site: SiteConfig,
+    pub profile: ProfileConfig,
     pub tz: jiff::tz::TimeZone,
 }
 
 impl Processor {
-    pub fn new(mappings: Arc<MappingSet>, site: SiteConfig) -> Result<Processor, String> {
+    pub fn new(
+        mappings: Arc<MappingSet>,
+        site: SiteConfig,
+        profile: ProfileConfig,
+    ) -> Result<Processor, String> {
         let tz = jiff::tz::TimeZone::get(&site.timezone)
             .map_err(|e| format!("site.timezone {:?}: {e}", site.timezone))?;
-        Ok(Processor { mappings, site, tz })
+        Ok(Processor {
+            mappings,
+            site,
+            profile,
+            tz,
+        })
     }
 
     /// Decodes, parses, maps, assembles and validates one message.
     pub fn bundle(
+        &self,
+        raw: &[u8],
+        feed: &FeedConfig,
+        received_at: jiff::Timestamp,
+    ) -> Result<Produced, ProcessError> {
+        let produced = self.build(raw, feed, received_at)?;
+        self.validate(&produced.bundle)?;
+        Ok(produced)
+    }
+
+    /// Decodes, parses, maps and assembles one message, without validating the result (for
+    /// `hl7-edge map`, which shows authors the Bundle *and* what is wrong with it).
+    pub fn build(
         &self,
         raw: &[u8],
         feed: &FeedConfig,
@@ -90,8 +116,18 @@ impl Processor {
             raw_sha256,
         };
         let bundle = envelope::assemble(&input, mapped);
-        validate::validate(&bundle)?;
         Ok(Produced { bundle, warnings })
+    }
+
+    /// FHIR R4 structure, then the London overlay's minimums.
+    pub fn validate(&self, bundle: &Value) -> Result<(), ProcessError> {
+        validate::validate(bundle)?;
+        let misses = profile::check(bundle, &self.profile);
+        if misses.is_empty() {
+            Ok(())
+        } else {
+            Err(ProcessError::Profile(misses))
+        }
     }
 
     /// [`Self::bundle`], then signs it; returns the bytes to store and forward.

@@ -239,6 +239,12 @@ pub struct Daemon {
     pub log: PathBuf,
     extra_config: String,
     broker_url: String,
+    /// Appended to the feed file before `[transport]` (feed-level keys).
+    pub feed_extra: String,
+    /// Appended to the feed's `[transport]` table (and may open sub-tables after it).
+    pub transport_extra: String,
+    /// Further adapter files (file name, TOML) beside the MLLP feed `pas`.
+    extra_adapters: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -248,6 +254,39 @@ impl Daemon {
 
     /// `extra_config` is appended to the generated config file (TOML).
     pub fn start_with(broker_url: &str, extra_config: &str) -> Daemon {
+        Self::start_full(broker_url, extra_config, "", "", &[])
+    }
+
+    /// Like [`Self::start_with`], with extra feed-level keys (`feed_extra`, e.g.
+    /// `ack_after = "mapping"` or a `[duplicates]` table... placed before `[transport]`) and
+    /// extra `[transport]` keys (`transport_extra`, e.g. `allow = [...]` or `[transport.tls]`).
+    pub fn start_feed(
+        broker_url: &str,
+        extra_config: &str,
+        feed_extra: &str,
+        transport_extra: &str,
+    ) -> Daemon {
+        Self::start_full(broker_url, extra_config, feed_extra, transport_extra, &[])
+    }
+
+    /// Also writes `adapters` (file name, TOML text) into the adapters folder; the daemon is
+    /// ready once its MLLP feed `pas` listens (other feeds may still be starting).
+    pub fn start_with_adapters(
+        broker_url: &str,
+        extra_config: &str,
+        adapters: &[(&str, String)],
+    ) -> Daemon {
+        Self::start_full(broker_url, extra_config, "", "", adapters)
+    }
+
+    /// Every option of the constructors above.
+    pub fn start_full(
+        broker_url: &str,
+        extra_config: &str,
+        feed_extra: &str,
+        transport_extra: &str,
+        adapters: &[(&str, String)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut d = Daemon {
             mllp_port: free_port(),
@@ -256,6 +295,12 @@ impl Daemon {
             log: PathBuf::new(),
             extra_config: extra_config.to_string(),
             broker_url: broker_url.to_string(),
+            feed_extra: feed_extra.to_string(),
+            transport_extra: transport_extra.to_string(),
+            extra_adapters: adapters
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect(),
         };
         d.write_config();
         d.spawn();
@@ -276,11 +321,14 @@ impl Daemon {
         std::fs::write(
             adapters.join("pas.toml"),
             format!(
-                "name = \"pas\"\ncharset_fallback = \"windows-1252\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:{}\"\nmax_frame_bytes = 65536\n",
-                self.mllp_port
+                "name = \"pas\"\ncharset_fallback = \"windows-1252\"\n{}\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:{}\"\nmax_frame_bytes = 65536\n{}\n",
+                self.feed_extra, self.mllp_port, self.transport_extra
             ),
         )
         .expect("write adapter");
+        for (name, text) in &self.extra_adapters {
+            std::fs::write(adapters.join(name), text).expect("write extra adapter");
+        }
         let config = format!(
             "state_dir = {:?}\nadapters_dir = {:?}\n\n[site]\nods_code = \"RRV\"\nappliance_id = \"test-edge\"\n\n[mqtt]\nurl = {:?}\nclient_id = \"hl7-edge-test-{}\"\n{}\n",
             self.state_dir().display().to_string(),
@@ -370,6 +418,69 @@ impl Daemon {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The daemon's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM without waiting (see [`Self::wait_exit`]).
+    pub fn sigterm(&self) {
+        if let Some(c) = self.child.as_ref() {
+            unsafe_sigterm(c.id());
+        }
+    }
+
+    /// Waits for the process to exit after [`Self::sigterm`]; returns (success, time waited).
+    pub fn wait_exit(&mut self, timeout: Duration) -> (bool, Duration) {
+        let start = Instant::now();
+        let Some(mut c) = self.child.take() else {
+            return (true, Duration::ZERO);
+        };
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return (s.success(), start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                return (false, start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the daemon again (after a stop) with the same state and configuration.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        self.spawn();
+    }
+
+    /// Control ids of every record in the outbox (any state, delivered ones included), in id
+    /// order. The daemon must be stopped (redb holds a lock).
+    pub fn stored_control_ids(&self) -> Vec<String> {
+        use hl7_edge::outbox::{ListFilter, Outbox, OutboxLimits};
+        let ob = Outbox::open(
+            &self.state_dir().join("outbox.redb"),
+            OutboxLimits::default(),
+        )
+        .expect("open the outbox (is the daemon stopped?)");
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = ob
+                .list(&ListFilter {
+                    after,
+                    limit: 1000,
+                    ..ListFilter::default()
+                })
+                .expect("list outbox");
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            out.extend(page.into_iter().map(|m| m.control_id));
+        }
+        out
+    }
 }
 
 fn unsafe_sigterm(pid: u32) {
@@ -411,6 +522,51 @@ impl MllpClient {
         self.read_ack()
     }
 
+    /// Connects with a short read timeout, for tests that expect the server to close or stay
+    /// silent.
+    pub fn connect_with_timeout(addr: SocketAddr, timeout: Duration) -> MllpClient {
+        let stream = TcpStream::connect(addr).expect("connect to MLLP port");
+        stream.set_read_timeout(Some(timeout)).expect("timeout");
+        MllpClient { stream }
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Reads until the server closes the connection (or the read timeout); returns what came.
+    pub fn read_to_close(&mut self) -> Result<Vec<u8>, std::io::Error> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Ok(out),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Raw ACK bytes (framing removed), for charset checks.
+    pub fn read_ack_bytes(&mut self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match self.stream.read(&mut byte) {
+                Ok(0) => panic!("connection closed before a complete ACK: {buf:?}"),
+                Ok(_) => {
+                    buf.push(byte[0]);
+                    if buf.ends_with(&[0x1c, 0x0d]) {
+                        break;
+                    }
+                }
+                Err(e) => panic!("no ACK: {e} (got {buf:?})"),
+            }
+        }
+        let start = buf.iter().position(|b| *b == 0x0b).expect("start block");
+        buf[start + 1..buf.len() - 2].to_vec()
+    }
+
     pub fn read_ack(&mut self) -> String {
         let mut buf = Vec::new();
         let mut byte = [0u8; 1];
@@ -435,6 +591,14 @@ impl MllpClient {
             .expect("ACK without start block");
         String::from_utf8_lossy(&buf[start + 1..buf.len() - 2]).into_owned()
     }
+}
+
+/// Every segment named `seg` in an ACK (or batch ACK), split on `|`.
+pub fn segments<'a>(ack: &'a str, seg: &str) -> Vec<Vec<&'a str>> {
+    ack.split('\r')
+        .map(|s| s.split('|').collect::<Vec<_>>())
+        .filter(|p| p.first() == Some(&seg))
+        .collect()
 }
 
 /// Field `n` (HL7 numbering) of the first segment named `seg` in an ACK.
@@ -723,11 +887,6 @@ impl Drop for Sub5 {
 }
 
 impl Daemon {
-    /// Starts a daemon in an existing state (its directory is kept by the caller's `Daemon`).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// Runs `hl7-edge <args> --config <this daemon's config>`.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(BIN)
