@@ -444,3 +444,23 @@ fn tls_and_mutual_tls_to_mosquitto_and_a_wrong_certificate_is_refused_clearly() 
         "a refused connection published something"
     );
 }
+
+#[test]
+fn qos_2_delivers_in_order_and_settles_on_pubcomp() {
+    let broker = ConfBroker::start(ConfBroker::plain(), false);
+    let sub = Sub5::start(broker.port, &["hl7-edge/#"]);
+    let d = Daemon::start_with(&broker.url(), "qos = 2\n");
+    let mut c = MllpClient::connect(d.addr());
+    let ids: Vec<String> = (0..5).map(|i| format!("q2-{i}")).collect();
+    for id in &ids {
+        let ack = c.send(&with_control_id(&fixture("adt_a01_uk.hl7"), id));
+        assert_eq!(field(&ack, "MSA", 1), "AA", "{ack}");
+    }
+    let m = sub.until("5 Bundles", T, |m| m.len() >= 5);
+    let (distinct, _) = check_arrivals(m.iter().map(|m| m.payload.as_str()), &ids);
+    assert_eq!(distinct, 5);
+    wait_for("all delivered (PUBCOMP)", T, || {
+        let v = json_out(&d.cli(&["outbox", "stats", "--json"]));
+        (v["delivered_total"] == 5 && v["ready"] == 0).then_some(())
+    });
+}
