@@ -702,7 +702,8 @@ async fn daemon(config: Config) -> Result<()> {
     let (key, generated) = SigningKey::load_or_generate(&key_path)
         .with_context(|| format!("signing key {}", key_path.display()))?;
     if generated {
-        info!(path = %key_path.display(), kid = %key.kid(), "generated a new signing key; give the exchange its public JWK");
+        // The key module logs the generation itself; this says what the operator must do next.
+        info!(public_jwk = %hl7_edge::sign::key::public_jwk_path(&key_path).display(), "give the exchange this public key to verify Bundles");
     }
     let key = Arc::new(key);
 
