@@ -119,20 +119,32 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
         }]
     });
 
-    let mut entries =
-        vec![json!({ "fullUrl": ids::urn(&header_id), "resource": Value::Object(mh) })];
+    // Entries are built by moving the resources in: `json!` would deep-copy every resource
+    // (it serialises embedded `Value`s again), which was a third of the mapping benchmark.
+    let entry = |full_url: String, resource: Value| {
+        let mut e = Map::new();
+        e.insert("fullUrl".into(), Value::String(full_url));
+        e.insert("resource".into(), resource);
+        Value::Object(e)
+    };
+    let mut entries = Vec::with_capacity(mapped.resources.len() + 2);
+    entries.push(entry(ids::urn(&header_id), Value::Object(mh)));
     for r in mapped.resources {
-        entries.push(json!({ "fullUrl": ids::urn(&r.id), "resource": Value::Object(r.json) }));
+        entries.push(entry(ids::urn(&r.id), Value::Object(r.json)));
     }
-    entries.push(json!({ "fullUrl": ids::urn(&provenance_id), "resource": provenance }));
+    entries.push(entry(ids::urn(&provenance_id), provenance));
 
-    json!({
+    let mut bundle = match json!({
         "resourceType": "Bundle",
         "id": bundle_id.to_string(),
         "meta": { "source": site.appliance_uri() },
         "identifier": { "system": site.local_system("message-id"), "value": h.control_id },
         "type": "message",
         "timestamp": timestamp,
-        "entry": entries
-    })
+    }) {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    bundle.insert("entry".into(), Value::Array(entries));
+    Value::Object(bundle)
 }

@@ -180,6 +180,9 @@ pub struct Rule {
     /// A constant used when the source has no value (it does not count as message data).
     #[serde(default)]
     pub default: Option<Spanned<String>>,
+    /// Emit this `object:` element even when only constants landed in it (a fixed coding).
+    #[serde(default)]
+    pub always: bool,
     #[serde(skip)]
     pub file: Arc<str>,
 }

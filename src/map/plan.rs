@@ -154,6 +154,8 @@ pub struct RulePlan {
     pub for_each: Option<Iter>,
     pub when: Option<Cond>,
     pub convert: Convert,
+    /// `always: true`: an object is kept even if no message value landed in it.
+    pub always: bool,
     /// `file:line:column` of the rule, for `--explain` and runtime errors.
     pub origin: Arc<str>,
 }

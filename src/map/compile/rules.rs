@@ -38,7 +38,7 @@ struct MsgCtx {
     resources: Vec<String>,
 }
 
-/// A compiled datatype map: its file and rules; `None` while it is being compiled.
+/// A compiled datatype map: its file and rules; `None` when it has errors.
 type CompiledDatatype = Option<(&'static str, Arc<Vec<RulePlan>>)>;
 
 pub(crate) struct Compiler<'a> {
@@ -47,8 +47,10 @@ pub(crate) struct Compiler<'a> {
     vm_index: &'a HashMap<String, usize>,
     site: Option<&'a SiteConfig>,
     diag: &'a mut Diag,
-    /// Compiled datatype maps; `None` while one is being compiled (to catch self-use).
+    /// Compiled datatype maps (`None`: it has errors).
     datatypes: HashMap<String, CompiledDatatype>,
+    /// Datatype maps being compiled now, to catch a map that uses itself.
+    compiling: HashSet<String>,
     keys: HashMap<String, u32>,
     msg: MsgCtx,
 }
@@ -68,6 +70,7 @@ impl<'a> Compiler<'a> {
             site,
             diag,
             datatypes: HashMap::new(),
+            compiling: HashSet::new(),
             keys: HashMap::new(),
             msg: MsgCtx::default(),
         }
@@ -80,14 +83,14 @@ impl<'a> Compiler<'a> {
 
     /// Compiles (once) the datatype map `name`: its FHIR type and rules.
     pub fn datatype(&mut self, name: &str) -> Option<(&'static str, Arc<Vec<RulePlan>>)> {
-        match self.datatypes.get(name) {
-            Some(Some(done)) => return Some(done.clone()),
-            Some(None) => return None,
-            None => {}
+        if let Some(done) = self.datatypes.get(name) {
+            return done.clone();
         }
         let defs = self.defs;
         let d: &DatatypeMap = defs.datatypes.get(name)?;
-        self.datatypes.insert(name.to_string(), None);
+        if !self.compiling.insert(name.to_string()) {
+            return None;
+        }
         let m = model();
         let fhir_type = match m.get(&d.fhir_type.value) {
             Some(t) if t.kind != Kind::Primitive => Some(t.name),
@@ -127,6 +130,7 @@ impl<'a> Compiler<'a> {
         };
         let rules = Arc::new(self.rules(&d.rules, &sc));
         let done = fhir_type.map(|t| (t, rules));
+        self.compiling.remove(name);
         self.datatypes.insert(name.to_string(), done.clone());
         done
     }
@@ -649,7 +653,7 @@ impl<'a> Compiler<'a> {
                 .at(file, m, format!("unknown datatype map `{}`{hint}", m.value));
             return None;
         }
-        if matches!(self.datatypes.get(&m.value), Some(None)) {
+        if self.compiling.contains(&m.value) {
             self.diag
                 .at(file, m, format!("datatype map `{}` uses itself", m.value));
             return None;
@@ -891,12 +895,20 @@ impl<'a> Compiler<'a> {
                 convert,
             )
         };
+        if r.always && r.object.is_none() {
+            self.diag.at(
+                file,
+                &r.set,
+                "`always: true` applies to `object:` rules (values from `value:` are always set)",
+            );
+        }
         Some(RulePlan {
             target: target?,
             source,
             for_each,
             when,
             convert,
+            always: r.always,
             origin,
         })
     }

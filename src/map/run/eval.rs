@@ -89,13 +89,14 @@ impl<'m> Runner<'_, 'm> {
             Source::Object(children) => {
                 let mark = self.trace.as_ref().map(|t| t.elements.len());
                 let mut child = Map::new();
-                if !self.rules(children, cur, &mut child)? {
+                let from_message = self.rules(children, cur, &mut child)?;
+                if !from_message && !rule.always {
                     if let (Some(t), Some(m)) = (&mut self.trace, mark) {
                         t.elements.truncate(m);
                     }
                     return Ok(false);
                 }
-                (Value::Object(child), true, mark)
+                (Value::Object(child), from_message, mark)
             }
             Source::Scalar(spec) => {
                 let Some((out, from_message)) = self.value(spec, cur, rule) else {
@@ -437,6 +438,46 @@ impl<'m> Runner<'_, 'm> {
         }
     }
 
+    /// The first repetition an absolute field path selects (the hot path of every read: no
+    /// allocation).
+    fn first_rep(&mut self, p: &Hl7Path, cur: &Cursor<'_>) -> Option<&'m str> {
+        let Hl7Path::Absolute {
+            segment,
+            occurrence,
+            field: Some(field),
+            rep,
+            ..
+        } = p
+        else {
+            return None;
+        };
+        let si = self.find_segment(segment, *occurrence, cur)?;
+        if let Some(t) = &mut self.trace {
+            t.used.insert((si, *field));
+        }
+        let msg: &'m crate::hl7::Message = self.msg;
+        let seps = msg.separators();
+        let raw = msg.segments().get(si)?.field_raw(*field)?;
+        if raw.is_empty() {
+            return None;
+        }
+        let mut all = raw.split(seps.repetition);
+        match rep {
+            RepSelect::First | RepSelect::All => all.next(),
+            RepSelect::Index(n) => all.nth(n.saturating_sub(1)),
+            RepSelect::Filter {
+                component,
+                sub,
+                values,
+                negate,
+            } => all.find(|r| {
+                let c = component_of(r, seps.component, seps.subcomponent, *component, *sub);
+                let c = decode_escapes(c, seps, self.cx.encoding);
+                values.contains(&c) != *negate
+            }),
+        }
+    }
+
     /// The decoded scalar a path points at, or None when absent, empty or `""`.
     pub(super) fn scalar(&mut self, p: &Hl7Path, cur: &Cursor<'_>) -> Option<String> {
         let seps = *self.msg.separators();
@@ -464,7 +505,7 @@ impl<'m> Runner<'_, 'm> {
                         .map(str::to_string)
                         .filter(|s| !s.is_empty());
                 }
-                let (_, _, first) = self.reps(p, cur).into_iter().next()?;
+                let first = self.first_rep(p, cur)?;
                 (first, component.unwrap_or(1), sub.unwrap_or(1))
             }
             Hl7Path::Absolute { field: None, .. } => return None,

@@ -120,6 +120,8 @@ pub(crate) struct Runner<'a, 'm> {
     vars: Vec<Option<Val>>,
     pending: Vec<PendingRef>,
     trace: Option<Trace>,
+    /// `meta.source` of every resource (formatted once per message).
+    appliance_uri: String,
 }
 
 struct Built {
@@ -146,6 +148,7 @@ pub fn run(
         vars: vec![None; mp.var_slots],
         pending: Vec::new(),
         trace: (explain == Explain::On).then(Trace::default),
+        appliance_uri: cx.site.appliance_uri(),
     };
     let root = Cursor {
         groups: &[],
@@ -302,7 +305,7 @@ impl<'m> Runner<'_, 'm> {
                 a.insert(0, Value::String(p.clone()));
             }
         }
-        meta.insert("source".into(), Value::String(self.cx.site.appliance_uri()));
+        meta.insert("source".into(), Value::String(self.appliance_uri.clone()));
         json.insert("meta".into(), Value::Object(meta));
         json.extend(content);
         built.push(Built {

@@ -49,12 +49,19 @@ pub(super) fn set_path(
     };
     let mut here = obj;
     for step in init {
-        let slot = here
-            .entry(step.name.clone())
-            .or_insert_with(|| match step.index {
-                Index::None => Value::Object(Map::new()),
-                _ => Value::Array(Vec::new()),
-            });
+        // Look up before inserting: an `entry` would allocate the key on every write.
+        if !here.contains_key(&step.name) {
+            here.insert(
+                step.name.clone(),
+                match step.index {
+                    Index::None => Value::Object(Map::new()),
+                    _ => Value::Array(Vec::new()),
+                },
+            );
+        }
+        let Some(slot) = here.get_mut(&step.name) else {
+            return Ok(None);
+        };
         let next = match (step.index, slot) {
             (Index::None, Value::Object(m)) => {
                 note(&step.name, None);
@@ -110,9 +117,12 @@ pub(super) fn set_path(
             here.insert(last.name.clone(), value);
         }
         idx => {
-            let slot = here
-                .entry(last.name.clone())
-                .or_insert_with(|| Value::Array(Vec::new()));
+            if !here.contains_key(&last.name) {
+                here.insert(last.name.clone(), Value::Array(Vec::new()));
+            }
+            let Some(slot) = here.get_mut(&last.name) else {
+                return Ok(None);
+            };
             let Value::Array(a) = slot else {
                 return Err(conflict(
                     rule,

@@ -1,0 +1,120 @@
+//! Mapping throughput: one ADT^A01 (about 1.6 KB, 16 segments) through the shipped mappings.
+//!
+//! - `parse_map_json`: charset, parse, route, map, envelope, serialise to JSON bytes: what the
+//!   issue-5 target (>= 30,000 messages per second on one core) measures.
+//! - `parse_map_validate_json`: the same plus the FHIR R4 and London profile validation the
+//!   pipeline runs before signing, for context.
+//!
+//! Run: `cargo bench --bench mapping` (criterion runs on one thread).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use hl7_edge::config::SiteConfig;
+use hl7_edge::fhir::envelope::{self, EnvelopeInput};
+use hl7_edge::hl7;
+use hl7_edge::ingest::adapter;
+use hl7_edge::map::{MappingSet, RunContext};
+use hl7_edge::pipeline::Processor;
+
+const MESSAGE: &[u8] = include_bytes!("adt_a01_large.hl7");
+
+fn bench(c: &mut Criterion) {
+    let set = MappingSet::embedded().unwrap_or_else(|e| panic!("shipped mappings: {e:?}"));
+    let site = SiteConfig {
+        ods_code: "RRV".into(),
+        ..SiteConfig::default()
+    };
+    let tz = jiff::tz::TimeZone::get(&site.timezone).expect("zone");
+    let feeds = adapter::load(None).expect("embedded feed");
+    let feed = &feeds[0];
+    let received = jiff::Timestamp::from_second(1_784_000_000).expect("time");
+
+    let one = |set: &MappingSet| -> Vec<u8> {
+        let (text, encoding) =
+            hl7::decode_to_utf8(MESSAGE, feed.fallback_encoding()).expect("charset");
+        let msg = hl7::parse(&text).expect("parse");
+        let cx = RunContext {
+            site: &site,
+            tz: &tz,
+            feed: &feed.name,
+            encoding,
+        };
+        let mapped = set.map(&msg, &cx, &feed.mappings).expect("map");
+        let input = EnvelopeInput {
+            site: &site,
+            tz: &tz,
+            header: msg.header(),
+            received_at: received,
+            raw_sha256: [0; 32],
+        };
+        serde_json::to_vec(&envelope::assemble(&input, mapped)).expect("json")
+    };
+    // The benchmark message must map completely (every resource), or the figure means nothing.
+    let bundle: serde_json::Value = serde_json::from_slice(&one(&set)).expect("bundle");
+    assert_eq!(
+        bundle["entry"].as_array().map(Vec::len),
+        Some(8),
+        "{bundle}"
+    );
+
+    let mut g = c.benchmark_group("adt_a01");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("parse_map_json", |b| {
+        b.iter(|| black_box(one(black_box(&set))))
+    });
+
+    // The stages on their own, to see where the time goes.
+    let (text, encoding) = hl7::decode_to_utf8(MESSAGE, feed.fallback_encoding()).expect("charset");
+    let msg = hl7::parse(&text).expect("parse");
+    let cx = RunContext {
+        site: &site,
+        tz: &tz,
+        feed: &feed.name,
+        encoding,
+    };
+    g.bench_function("stage_charset_parse", |b| {
+        b.iter(|| {
+            let (text, _) =
+                hl7::decode_to_utf8(black_box(MESSAGE), feed.fallback_encoding()).expect("charset");
+            black_box(hl7::parse(&text).expect("parse"))
+        })
+    });
+    g.bench_function("stage_map", |b| {
+        b.iter(|| black_box(set.map(black_box(&msg), &cx, &feed.mappings).expect("map")))
+    });
+    let mapped = set.map(&msg, &cx, &feed.mappings).expect("map");
+    g.bench_function("stage_envelope_json", |b| {
+        b.iter(|| {
+            let m = hl7_edge::map::MapResult {
+                resources: mapped.resources.clone(),
+                focus: mapped.focus.clone(),
+                sender: mapped.sender,
+                ..Default::default()
+            };
+            let input = EnvelopeInput {
+                site: &site,
+                tz: &tz,
+                header: msg.header(),
+                received_at: received,
+                raw_sha256: [0; 32],
+            };
+            black_box(serde_json::to_vec(&envelope::assemble(&input, m)).expect("json"))
+        })
+    });
+    let processor =
+        Processor::new(Arc::new(set), site.clone(), Default::default()).expect("processor");
+    g.bench_function("parse_map_validate_json", |b| {
+        b.iter(|| {
+            let p = processor
+                .bundle(black_box(MESSAGE), feed, received)
+                .expect("bundle");
+            black_box(serde_json::to_vec(&p.bundle).expect("json"))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
