@@ -103,7 +103,8 @@ fn bench(c: &mut Criterion) {
             black_box(serde_json::to_vec(&envelope::assemble(&input, m)).expect("json"))
         })
     });
-    let processor = Processor::new(Arc::new(set), site.clone()).expect("processor");
+    let processor =
+        Processor::new(Arc::new(set), site.clone(), Default::default()).expect("processor");
     g.bench_function("parse_map_validate_json", |b| {
         b.iter(|| {
             let p = processor

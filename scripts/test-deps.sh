@@ -20,9 +20,11 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # A broker started by apt would hold port 1883; the tests start their own on free ports.
 
+# python-hl7 (its `mllp_send` is the third-party MLLP client) and fhir.resources 6.4.0 (the last
+# FHIR R4 4.0.1 release, on pydantic 1: the independent validator of every Bundle we emit).
 venv=target/test-venv
-if [ ! -x "$venv/bin/mllp_send" ]; then
-  echo "test-deps: creating $venv with python-hl7"
+if ! "$venv/bin/python" -c 'import hl7, fhir.resources' >/dev/null 2>&1 || [ ! -x "$venv/bin/mllp_send" ]; then
+  echo "test-deps: preparing $venv (python-hl7, fhir.resources)"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check "hl7==0.4.5"
+  "$venv/bin/pip" install -q --disable-pip-version-check "hl7==0.4.5" "fhir.resources==6.4.0" "pydantic<2"
 fi

@@ -5,4 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/test-deps.sh
+# --all-targets runs the lib, bin and integration tests and builds benches and examples;
+# doc tests need their own run.
 cargo test --all-targets --locked "$@"
+if [ $# -eq 0 ]; then
+  cargo test --doc --locked
+fi

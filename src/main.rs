@@ -13,10 +13,11 @@ use tracing::{error, info};
 use hl7_edge::config::Config;
 use hl7_edge::forward;
 use hl7_edge::ingest::adapter::{self, FeedConfig, Transport};
+use hl7_edge::ingest::serial::SerialSource;
 use hl7_edge::ingest::{Intake, mllp};
 use hl7_edge::map::{self, Explain, MappingSet, Sources};
-use hl7_edge::ops::{logging, shutdown};
-use hl7_edge::outbox::{Outbox, OutboxLimits, Writer};
+use hl7_edge::ops::{admin, logging, shutdown};
+use hl7_edge::outbox::{Outbox, Writer};
 use hl7_edge::pipeline::{self, Processor};
 use hl7_edge::sign::{self, SigningKey, VerifyingKey};
 
@@ -39,7 +40,8 @@ struct Cli {
 enum Command {
     /// Run the daemon: listen on every feed, map, sign, store and forward.
     Run,
-    /// Print the Bundle a message would produce, without any network or state.
+    /// Print the Bundle a message would produce, without any network or state (exit 1 if it
+    /// would be quarantined: the reasons go to stderr).
     Map {
         /// A file holding one HL7 v2 message.
         file: PathBuf,
@@ -86,6 +88,15 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Inspect and repair the outbox, of a running daemon (through its admin socket) or of a
+    /// stopped one (directly).
+    Outbox {
+        #[command(subcommand)]
+        cmd: OutboxCmd,
+        /// Print the daemon's JSON answer instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Verify the signature of a Bundle (exit 0: valid; 1: invalid).
     Verify {
         /// A Bundle as JSON.
@@ -93,6 +104,39 @@ enum Command {
         /// Public key(s) as JWK files (default: the public half of the configured key).
         #[arg(long = "key", value_name = "JWK")]
         keys: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCmd {
+    /// Counts per state, bytes, limits, per-feed counters and the forwarder's state.
+    Stats,
+    /// Records in id order (at most --limit, after --after).
+    List {
+        /// received, ready, delivered, quarantined or dead-lettered.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        feed: Option<String>,
+        /// Only ids greater than this (paging).
+        #[arg(long)]
+        after: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One record's metadata (and with --payload its raw message and Bundle: patient data).
+    Show {
+        id: u64,
+        #[arg(long)]
+        payload: bool,
+    },
+    /// Send a record on again: quarantined -> mapped again, dead-lettered -> published again.
+    Retry { id: u64 },
+    /// Remove the audit rows of delivered records (undelivered records are never purged).
+    Purge {
+        /// Required: what to purge.
+        #[arg(long, required = true)]
+        delivered: bool,
     },
 }
 
@@ -136,6 +180,7 @@ fn main() -> ExitCode {
         ),
         Command::Keygen { ref out } => cmd_keygen(cli.config.as_deref(), out.as_deref()),
         Command::Verify { ref file, ref keys } => cmd_verify(cli.config.as_deref(), file, keys),
+        Command::Outbox { ref cmd, json } => cmd_outbox(cli.config.as_deref(), cmd, json),
     };
     match result {
         Ok(code) => code,
@@ -185,19 +230,26 @@ fn cmd_map(
     let feeds = adapter::load(config.adapters_dir.as_deref())?;
     let feed = pick_feed(&feeds, feed)?;
     let set = load_mappings(&config, mappings)?;
-    let processor =
-        Processor::new(Arc::new(set), config.site.clone()).map_err(anyhow::Error::msg)?;
+    let processor = Processor::new(Arc::new(set), config.site.clone(), config.profile.clone())
+        .map_err(anyhow::Error::msg)?;
     let raw = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mode = if explain { Explain::On } else { Explain::Off };
-    let produced = processor.bundle_explained(&raw, feed, jiff::Timestamp::now(), mode)?;
+    let produced = processor.build(&raw, feed, jiff::Timestamp::now(), mode)?;
+    println!("{}", serde_json::to_string_pretty(&produced.bundle)?);
     for w in &produced.warnings {
         eprintln!("note: {w}");
     }
-    println!("{}", serde_json::to_string_pretty(&produced.bundle)?);
     if let Some(x) = &produced.explain {
         eprint!("{}", explain_text(x, &produced.bundle));
     }
-    Ok(ExitCode::SUCCESS)
+    // The Bundle is shown even when invalid: the author needs to see both.
+    match processor.validate(&produced.bundle) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: this Bundle would be quarantined: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// `--explain` output: no values, only element paths, rule positions and segment/field names.
@@ -272,7 +324,8 @@ fn cmd_test_mappings(
     } else {
         hl7_edge::config::SiteConfig::default()
     };
-    let processor = Processor::new(Arc::new(set), site).map_err(anyhow::Error::msg)?;
+    let processor =
+        Processor::new(Arc::new(set), site, config.profile.clone()).map_err(anyhow::Error::msg)?;
     let received: jiff::Timestamp = map::golden::RECEIVED_AT
         .parse()
         .context("golden received time")?;
@@ -285,7 +338,15 @@ fn cmd_test_mappings(
     for case in &cases {
         let name = case.input.display();
         let raw = std::fs::read(&case.input).with_context(|| format!("cannot read {name}"))?;
-        let actual = match processor.bundle(&raw, &feed, received) {
+        // Golden tests check the mapping and FHIR R4 validity; the London overlay's minimums are
+        // a site policy (see `[profile]`), checked by `map` and the daemon.
+        let built = processor
+            .build(&raw, &feed, received, Explain::Off)
+            .and_then(|p| {
+                hl7_edge::fhir::validate::validate(&p.bundle)?;
+                Ok(p)
+            });
+        let actual = match built {
             Ok(mut p) => {
                 map::golden::normalise(&mut p.bundle);
                 map::golden::render(&p.bundle)
@@ -444,6 +505,182 @@ fn cmd_verify(config: Option<&Path>, file: &Path, key_files: &[PathBuf]) -> Resu
     }
 }
 
+fn cmd_outbox(config: Option<&Path>, cmd: &OutboxCmd, json: bool) -> Result<ExitCode> {
+    use hl7_edge::ops::admin::{self, Request};
+    let config = Config::load(config)?;
+    let req = match cmd {
+        OutboxCmd::Stats => Request::Stats,
+        OutboxCmd::List {
+            state,
+            feed,
+            after,
+            limit,
+        } => Request::List {
+            state: state.clone(),
+            feed: feed.clone(),
+            after: *after,
+            limit: *limit,
+        },
+        OutboxCmd::Show { id, payload } => Request::Show {
+            id: *id,
+            payload: *payload,
+        },
+        OutboxCmd::Retry { id } => Request::Retry { id: *id },
+        OutboxCmd::Purge { delivered } => {
+            if !delivered {
+                bail!("say what to purge: --delivered");
+            }
+            Request::PurgeDelivered
+        }
+    };
+    let socket = admin::socket_path(&config.state_dir);
+    let result = match admin::request(&socket, &req) {
+        Ok(Some(v)) => Ok(v),
+        Err(admin::AdminError::Command(e)) => Err(e),
+        Err(e) => return Err(e.into()),
+        Ok(None) => offline_outbox(&config, req)?,
+    };
+    match result {
+        Ok(v) => {
+            print_outbox(cmd, &v, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("hl7-edge outbox: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// No daemon answers on the admin socket: open the database directly (we are then its only
+/// user) and run the same command code.
+fn offline_outbox(
+    config: &Config,
+    req: hl7_edge::ops::admin::Request,
+) -> Result<std::result::Result<serde_json::Value, String>> {
+    use hl7_edge::ops::admin;
+    let path = config.outbox_path();
+    if !path.exists() {
+        bail!(
+            "no outbox at {} (state_dir {}); is --config the daemon's configuration?",
+            path.display(),
+            config.state_dir.display()
+        );
+    }
+    let outbox = match Outbox::open(&path, config.outbox.limits()) {
+        Ok(o) => o,
+        Err(e) if e.is_locked() => bail!(
+            "{} is held by a running hl7-edge but its admin socket {} does not answer; \
+             is the daemon starting or stopping? try again",
+            path.display(),
+            admin::socket_path(&config.state_dir).display()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let writer = Writer::spawn(outbox.clone())?;
+        let cx = admin::Context {
+            outbox,
+            writer: writer.clone(),
+            mapper: None,
+            forward: None,
+        };
+        let r = admin::execute(&cx, req).await;
+        writer.shutdown().await;
+        Ok(r)
+    })
+}
+
+fn print_outbox(cmd: &OutboxCmd, v: &serde_json::Value, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+        );
+        return;
+    }
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    match cmd {
+        OutboxCmd::List { .. } => {
+            println!(
+                "{:>10}  {:<14} {:<16} {:<10} {:<20} reason",
+                "id", "state", "feed", "type", "control id"
+            );
+            for m in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+                println!(
+                    "{:>10}  {:<14} {:<16} {:<10} {:<20} {}",
+                    s(&m["id"]),
+                    s(&m["state"]),
+                    s(&m["feed"]),
+                    s(&m["message_type"]),
+                    s(&m["control_id"]),
+                    if m["reason"].is_null() {
+                        String::new()
+                    } else {
+                        s(&m["reason"])
+                    }
+                );
+            }
+        }
+        OutboxCmd::Stats => {
+            if let Some(obj) = v.as_object() {
+                for (k, val) in obj {
+                    match val {
+                        serde_json::Value::Object(_) => println!(
+                            "{k}: {}",
+                            serde_json::to_string_pretty(val).unwrap_or_default()
+                        ),
+                        other => println!("{k}: {}", s(other)),
+                    }
+                }
+            }
+        }
+        OutboxCmd::Show { .. } => {
+            if let Some(obj) = v.as_object() {
+                for (k, val) in obj {
+                    match (k.as_str(), val) {
+                        ("raw", serde_json::Value::String(raw)) => println!("raw:\n{raw}"),
+                        ("bundle", b) => println!(
+                            "bundle:\n{}",
+                            serde_json::to_string_pretty(b).unwrap_or_default()
+                        ),
+                        (k, other) => println!("{k}: {}", s(other)),
+                    }
+                }
+            }
+        }
+        OutboxCmd::Retry { id } => println!("#{id} is now {}", s(&v["state"])),
+        OutboxCmd::Purge { .. } => {
+            println!("removed {} audit rows", s(&v["removed_audit_rows"]))
+        }
+    }
+}
+
+/// Opens the outbox, waiting a little if another process holds it (an `hl7-edge outbox`
+/// command working on the stopped daemon's store finishes in well under a second).
+async fn open_outbox(config: &Config) -> Result<Outbox> {
+    let path = config.outbox_path();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match Outbox::open(&path, config.outbox.limits()) {
+            Ok(o) => return Ok(o),
+            Err(e) if e.is_locked() && tokio::time::Instant::now() < deadline => {
+                info!(path = %path.display(), "outbox held by another process; waiting");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn run(config_path: Option<&Path>) -> Result<ExitCode> {
     let config = Config::load(config_path)?;
     logging::init(&config.log);
@@ -465,36 +702,51 @@ async fn daemon(config: Config) -> Result<()> {
     let (key, generated) = SigningKey::load_or_generate(&key_path)
         .with_context(|| format!("signing key {}", key_path.display()))?;
     if generated {
-        info!(path = %key_path.display(), kid = %key.kid(), "generated a new signing key; give the exchange its public JWK");
+        // The key module logs the generation itself; this says what the operator must do next.
+        info!(public_jwk = %hl7_edge::sign::key::public_jwk_path(&key_path).display(), "give the exchange this public key to verify Bundles");
     }
     let key = Arc::new(key);
 
-    let outbox = Outbox::open(
-        &config.outbox_path(),
-        OutboxLimits {
-            max_bytes: config.outbox.max_bytes,
-            ..OutboxLimits::default()
-        },
-    )?;
+    let outbox = open_outbox(&config).await?;
     let writer = Writer::spawn(outbox.clone())?;
+    let admin_path = admin::socket_path(&config.state_dir);
+    let admin_listener = admin::bind(&admin_path)?;
     let (trigger, shutdown) = shutdown::channel();
     let (ids_tx, ids_rx) = tokio::sync::mpsc::unbounded_channel();
 
+    let processor = Arc::new(
+        Processor::new(
+            Arc::new(mappings),
+            config.site.clone(),
+            config.profile.clone(),
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    // Ingest refuses messages while the state directory's disk is nearly full.
+    let disk = Arc::new(hl7_edge::ingest::disk::DiskGuard::new(
+        config.state_dir.clone(),
+        config.outbox.min_free_disk_bytes,
+    ));
     let mut feed_map = HashMap::new();
     let mut listeners = Vec::new();
+    let mut serial_sources = Vec::new();
     for feed in feeds {
         let feed = Arc::new(feed);
         feed_map.insert(feed.name.clone(), feed.clone());
-        let intake = Arc::new(Intake::new(feed.clone(), writer.clone(), ids_tx.clone()));
+        let intake = Arc::new(
+            Intake::new(feed.clone(), writer.clone(), ids_tx.clone())
+                .with_disk_guard(disk.clone())
+                .with_check(processor.clone()),
+        );
         match &feed.transport {
             Transport::Mllp(m) => listeners.push(mllp::Listener::bind(m.clone(), intake).await?),
+            // A serial device may be missing at start: its source retries in the background.
+            Transport::Serial(s) => serial_sources.push(SerialSource::new(s.clone(), intake)),
         }
     }
+    let admin_ids_tx = ids_tx.clone();
     drop(ids_tx);
 
-    let processor = Arc::new(
-        Processor::new(Arc::new(mappings), config.site.clone()).map_err(anyhow::Error::msg)?,
-    );
     let reloader = Arc::new(pipeline::reload::Reloader::new(
         processor.clone(),
         config.mappings_dir.clone(),
@@ -509,17 +761,40 @@ async fn daemon(config: Config) -> Result<()> {
         ids_rx,
         trigger.subscribe(),
     ));
-    let forwarder = forward::mqtt::Forwarder::spawn(
+    let forward_status = Arc::new(forward::ForwardStatus::default());
+    let forwarder = forward::mqtt::Forwarder::spawn_with_status(
         config.mqtt_effective(),
         outbox.clone(),
         writer.clone(),
         feed_map.keys().cloned().collect(),
         shutdown.receiver(),
+        forward_status.clone(),
     )?;
-    let serving: Vec<_> = listeners
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin_path,
+        admin::Context {
+            outbox: outbox.clone(),
+            writer: writer.clone(),
+            mapper: Some(admin_ids_tx),
+            forward: Some(forward_status),
+        },
+        trigger.subscribe(),
+    ));
+    let pruner = tokio::spawn(prune_audit(
+        writer.clone(),
+        config.outbox.audit_retention_days,
+        trigger.subscribe(),
+    ));
+    let mut serving: Vec<_> = listeners
         .into_iter()
         .map(|l| tokio::spawn(l.serve(trigger.subscribe())))
         .collect();
+    serving.extend(
+        serial_sources
+            .into_iter()
+            .map(|s| tokio::spawn(s.serve(trigger.subscribe()))),
+    );
     info!(state_dir = %config.state_dir.display(), broker = %config.mqtt.url, "hl7-edge running");
 
     wait_for_signal(&reloader).await;
@@ -530,9 +805,35 @@ async fn daemon(config: Config) -> Result<()> {
     }
     let _ = mapper.await;
     let _ = forwarder.await;
+    let _ = admin_task.await;
+    let _ = pruner.await;
     writer.shutdown().await;
     info!("stopped");
     Ok(())
+}
+
+/// Removes audit rows older than the retention time: at start, then hourly.
+async fn prune_audit(
+    writer: hl7_edge::outbox::WriterHandle,
+    retention_days: u32,
+    mut shutdown: shutdown::Shutdown,
+) {
+    let retention = std::time::Duration::from_secs(u64::from(retention_days) * 24 * 3600);
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = every.tick() => {}
+        }
+        match writer.prune_audit(retention).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                removed = n,
+                retention_days, "outbox: pruned audit rows of delivered messages"
+            ),
+            Err(e) => error!(error = %e, "outbox: cannot prune audit rows; retrying in an hour"),
+        }
+    }
 }
 
 fn create_state_dir(dir: &Path) -> Result<()> {

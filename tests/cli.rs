@@ -22,12 +22,20 @@ fn text(o: &[u8]) -> String {
 }
 
 #[test]
-fn map_prints_a_valid_bundle_without_network_or_state() {
+fn map_shows_the_bundle_and_why_it_would_be_quarantined() {
     let dir = tempfile::tempdir().expect("tmp");
     let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/adt_a01_latin1_invalid_nhs.hl7");
     let out = hl7_edge(&["map", fx.to_str().expect("utf-8 path")], dir.path());
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    // No valid NHS number, no address: shown, but it would be quarantined (exit 1, reasons on
+    // stderr).
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("would be quarantined") && err.contains("no valid NHS number"),
+        "{err}"
+    );
+    assert!(err.contains("postalCode"), "{err}");
     let bundle: Value = serde_json::from_slice(&out.stdout).expect("stdout is the Bundle JSON");
     assert_eq!(bundle["type"], "message");
     assert!(

@@ -154,6 +154,13 @@ fn adt_messages_are_acked_mapped_signed_and_published() {
         "GMT offset applied"
     );
 
+    // Every Bundle passes an independent FHIR R4 validator.
+    let all: Vec<Value> = msgs
+        .iter()
+        .map(|(_, p)| serde_json::from_str(p).expect("JSON"))
+        .collect();
+    assert_valid_fhir(&all);
+
     // The log never carries patient data.
     let log = d.log_text();
     for secret in ["9449305552", "O'BRIEN", "ZOË", "HIGH STREET", "19800101"] {

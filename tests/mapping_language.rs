@@ -249,7 +249,7 @@ overlays:
     std::fs::write(
         &cfg,
         format!(
-            "site_mappings_dir = {:?}\n[site]\nods_code = \"RRV\"\n[site.variables]\nsource_system = \"pas-x\"\n",
+            "site_mappings_dir = {:?}\n[profile]\nuk_core_profiles = false\n[site]\nods_code = \"RRV\"\n[site.variables]\nsource_system = \"pas-x\"\n",
             s(&site)
         ),
     )
@@ -365,7 +365,13 @@ fn routing_prefers_structure_then_trigger_then_version_and_reads_csv_value_maps(
         )
         .expect("write");
         let out = hl7_edge(&["map", s(&msg), "--mappings", s(&maps)], dir.path());
-        assert!(out.status.success(), "{msh9}: {}", text(&out.stderr));
+        // Exit 1 only says these toy Bundles miss the London overlay's minimums; the Bundle is
+        // still printed, and routing is what this test is about.
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "{msh9}: {}",
+            text(&out.stderr)
+        );
         let b: Value = serde_json::from_slice(&out.stdout).expect("json");
         let p = resource(&b, "Patient");
         (

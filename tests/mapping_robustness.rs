@@ -195,7 +195,7 @@ fn no_message_makes_the_mapping_engine_panic() {
     )
     .unwrap_or_else(|e| panic!("mappings load: {e:?}"));
     let site = SiteConfig::default();
-    let processor = Processor::new(Arc::new(set), site).expect("processor");
+    let processor = Processor::new(Arc::new(set), site, Default::default()).expect("processor");
     let feeds = adapter::load(None).expect("embedded feed");
     let feed = &feeds[0];
     let rounds: usize = std::env::var("HL7EDGE_FUZZ_ROUNDS")
@@ -215,7 +215,9 @@ fn no_message_makes_the_mapping_engine_panic() {
             Explain::Off
         };
         let res = catch_unwind(AssertUnwindSafe(|| {
-            processor.bundle_explained(&msg, feed, received, explain)
+            processor
+                .build(&msg, feed, received, explain)
+                .and_then(|p| processor.validate(&p.bundle).map(|()| p))
         }));
         match res {
             Ok(Ok(_)) => mapped += 1,

@@ -219,11 +219,15 @@ async fn fake_broker_swallowing_publishes(port: u16) {
         .await
         .expect("forwarder retries while the broker is down")
         .expect("accept");
-    let (kind, _) = read_packet(&mut conn).await.expect("read CONNECT");
+    let (kind, body) = read_packet(&mut conn).await.expect("read CONNECT");
     assert_eq!(kind, 1, "first packet is CONNECT");
-    conn.write_all(&[0x20, 0x02, 0x00, 0x00])
-        .await
-        .expect("write CONNACK");
+    // Protocol level after the protocol name "MQTT": 5 or 4 (3.1.1).
+    let connack: &[u8] = if body.get(6) == Some(&5) {
+        &[0x20, 0x03, 0x00, 0x00, 0x00]
+    } else {
+        &[0x20, 0x02, 0x00, 0x00]
+    };
+    conn.write_all(connack).await.expect("write CONNACK");
     loop {
         let (kind, _) = tokio::time::timeout(DEADLINE, read_packet(&mut conn))
             .await
@@ -252,8 +256,8 @@ fn new_record(feed: &str, n: usize) -> NewRecord {
 fn mqtt_cfg(port: u16) -> MqttConfig {
     MqttConfig {
         url: format!("mqtt://127.0.0.1:{port}"),
-        client_id: format!("hl7-edge-test-{port}"),
-        site: SITE.into(),
+        client_id: Some(format!("hl7-edge-test-{port}")),
+        site: Some(SITE.into()),
         max_inflight: 8,
         reconnect_initial_ms: 100,
         reconnect_max_secs: 1,

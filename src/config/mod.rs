@@ -17,6 +17,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::fhir::profile::ProfileConfig;
 use crate::forward::mqtt::MqttConfig;
 
 /// Everything the daemon and the offline commands need, one section per stage.
@@ -39,6 +40,8 @@ pub struct Config {
     pub signing: SigningConfig,
     pub outbox: OutboxConfig,
     pub mqtt: MqttConfig,
+    /// London overlay minimums checked before signing; each can be relaxed per site.
+    pub profile: ProfileConfig,
     pub log: LogConfig,
 }
 
@@ -77,9 +80,16 @@ impl Default for SiteConfig {
 }
 
 impl SiteConfig {
-    /// The appliance's own URI (`MessageHeader.source.endpoint`, Provenance device identifier).
+    /// The appliance's own URI (`MessageHeader.source.endpoint`, `meta.source`, the Provenance
+    /// device identifier). `source.endpoint` is a FHIR `url`, so this is an absolute URL in the
+    /// site's identifier namespace rather than a `urn:`.
     pub fn appliance_uri(&self) -> String {
-        format!("urn:hl7-edge:{}:{}", self.ods_code, self.appliance_id)
+        format!(
+            "{}/{}/device/{}",
+            self.identifier_base.trim_end_matches('/'),
+            self.ods_code,
+            self.appliance_id
+        )
     }
 
     /// A local identifier system for `kind` (`mrn`, `visit-number`, `message-id`, ...).
@@ -107,7 +117,16 @@ pub struct SigningConfig {
 pub struct OutboxConfig {
     /// Refuse (negative ACK) new messages once stored, undelivered data reaches this size.
     pub max_bytes: u64,
-    /// How long the audit trail of delivered messages is kept, in days.
+    /// Refuse (negative ACK, "storage full") new messages while the state directory's
+    /// filesystem has less free space than this; 0 disables the check.
+    pub min_free_disk_bytes: u64,
+    /// Refuse new messages once this many records are not yet delivered.
+    pub max_records: u64,
+    /// Refuse new messages while the oldest message waiting for delivery is older than this
+    /// (seconds; 0: no age limit). The sender keeps them and its own alarms go off, instead of
+    /// the appliance hoarding days of messages the exchange has not seen.
+    pub max_age_secs: u64,
+    /// How long the audit trail of delivered messages is kept, in days (pruned hourly).
     pub audit_retention_days: u32,
 }
 
@@ -115,7 +134,21 @@ impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig {
             max_bytes: 1 << 30,
+            min_free_disk_bytes: 128 << 20,
+            max_records: 1_000_000,
+            max_age_secs: 7 * 24 * 3600,
             audit_retention_days: 30,
+        }
+    }
+}
+
+impl OutboxConfig {
+    /// The store's limits.
+    pub fn limits(&self) -> crate::outbox::OutboxLimits {
+        crate::outbox::OutboxLimits {
+            max_bytes: self.max_bytes,
+            max_records: self.max_records,
+            max_age_ms: self.max_age_secs.saturating_mul(1000),
         }
     }
 }
@@ -157,6 +190,7 @@ impl Default for Config {
             signing: SigningConfig::default(),
             outbox: OutboxConfig::default(),
             mqtt: MqttConfig::default(),
+            profile: ProfileConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -234,6 +268,15 @@ impl Config {
                 self.outbox.max_bytes
             ));
         }
+        if self.outbox.max_records == 0 {
+            errors.push("outbox.max_records must be at least 1".to_string());
+        }
+        if !matches!(self.mqtt.qos, 1 | 2) {
+            errors.push(format!(
+                "mqtt.qos {} is not supported: use 1 or 2",
+                self.mqtt.qos
+            ));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -249,18 +292,10 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("signing-key.pem"))
     }
 
-    /// MQTT settings with the site's identity filled in: the topic's site level and the client
-    /// id default to the appliance id, so one setting names the appliance everywhere.
+    /// MQTT settings with the unset identity (`mqtt.site`, `mqtt.client_id`) filled in with
+    /// the appliance id, so one setting names the appliance everywhere.
     pub fn mqtt_effective(&self) -> MqttConfig {
-        let mut m = self.mqtt.clone();
-        let defaults = MqttConfig::default();
-        if m.site == defaults.site {
-            m.site = self.site.appliance_id.clone();
-        }
-        if m.client_id == defaults.client_id {
-            m.client_id = format!("hl7-edge-{}-{}", self.site.ods_code, self.site.appliance_id);
-        }
-        m
+        self.mqtt.clone().with_appliance_id(&self.site.appliance_id)
     }
 
     /// The outbox database path.
@@ -283,6 +318,24 @@ mod tests {
         let c = Config::load_with_env(None, no_env()).expect("defaults load");
         assert_eq!(c.mqtt.url, "mqtt://127.0.0.1:1883");
         assert_eq!(c.site.timezone, "Europe/London");
+        let m = c.mqtt_effective();
+        assert_eq!(m.client_id.as_deref(), Some(c.site.appliance_id.as_str()));
+        assert_eq!(m.site.as_deref(), Some(c.site.appliance_id.as_str()));
+    }
+
+    #[test]
+    fn explicit_mqtt_identity_wins_over_the_appliance_id() {
+        let mut f = tempfile::NamedTempFile::new().expect("tmp");
+        writeln!(
+            f,
+            "[site]\nappliance_id = \"edge-7\"\n[mqtt]\nclient_id = \"cid\"\nprotocol = \"3.1.1\""
+        )
+        .expect("write");
+        let c = Config::load_with_env(Some(f.path()), no_env()).expect("load");
+        let m = c.mqtt_effective();
+        assert_eq!(m.client_id.as_deref(), Some("cid"));
+        assert_eq!(m.site.as_deref(), Some("edge-7"));
+        assert_eq!(m.protocol, crate::forward::MqttProtocol::V311);
     }
 
     #[test]
@@ -292,7 +345,13 @@ mod tests {
         let err = Config::load_with_env(Some(f.path()), no_env()).expect_err("must fail");
         let text = err.to_string();
         assert!(text.contains("ods_cod"), "{text}");
-        assert!(text.contains(&f.path().display().to_string()), "{text}");
+        // figment shows the path relative to the working directory when it can: match the name.
+        let name = f
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        assert!(!name.is_empty() && text.contains(&name), "{text}");
     }
 
     #[test]

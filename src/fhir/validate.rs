@@ -35,30 +35,67 @@ pub fn validate(bundle: &Value) -> Result<(), Invalid> {
 
 fn structural(bundle: &Value, problems: &mut Vec<String>) {
     use fhir_sdk::r4b::resources::Bundle;
-    match serde_json::from_value::<Bundle>(bundle.clone()) {
+    use serde::Deserialize;
+    // Deserialising from `&Value` borrows: no copy of the Bundle.
+    match Bundle::deserialize(bundle) {
         Err(e) => problems.push(format!("FHIR R4 structure: {e}")),
         Ok(model) => match serde_json::to_value(&model) {
-            Ok(back) => unknown_elements(bundle, &back, "Bundle", problems),
+            Ok(back) => {
+                let mut path = Path(vec![Seg::Key("Bundle")]);
+                unknown_elements(bundle, &back, &mut path, problems);
+            }
             Err(e) => problems.push(format!("FHIR R4 structure: cannot re-serialise: {e}")),
         },
     }
 }
 
+/// A JSON location, rendered only when a problem is reported (validation walks every node of
+/// every Bundle; building a string per node would cost more than the checks themselves).
+struct Path<'a>(Vec<Seg<'a>>);
+
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+    Resource(usize, &'a str),
+}
+
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            match s {
+                Seg::Key(k) if i == 0 => write!(f, "{k}")?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+                Seg::Resource(n, t) => write!(f, "Bundle.entry[{n}].resource({t})")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Reports keys of `ours` that are missing from `model` (elements the model does not know).
-fn unknown_elements(ours: &Value, model: &Value, path: &str, problems: &mut Vec<String>) {
+fn unknown_elements<'a>(
+    ours: &'a Value,
+    model: &Value,
+    path: &mut Path<'a>,
+    problems: &mut Vec<String>,
+) {
     match (ours, model) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a {
-                let here = format!("{path}.{k}");
+                path.0.push(Seg::Key(k));
                 match b.get(k) {
-                    Some(w) => unknown_elements(v, w, &here, problems),
-                    None => problems.push(format!("{here} is not an element of FHIR R4")),
+                    Some(w) => unknown_elements(v, w, path, problems),
+                    None => problems.push(format!("{path} is not an element of FHIR R4")),
                 }
+                path.0.pop();
             }
         }
         (Value::Array(a), Value::Array(b)) => {
             for (i, (v, w)) in a.iter().zip(b.iter()).enumerate() {
-                unknown_elements(v, w, &format!("{path}[{i}]"), problems);
+                path.0.push(Seg::Index(i));
+                unknown_elements(v, w, path, problems);
+                path.0.pop();
             }
         }
         _ => {}
@@ -104,8 +141,8 @@ fn london(bundle: &Value, problems: &mut Vec<String>) {
             .get("resourceType")
             .and_then(Value::as_str)
             .unwrap_or("?");
-        let path = format!("Bundle.entry[{i}].resource({rtype})");
-        check_tree(res, &path, &full_urls, problems);
+        let mut path = Path(vec![Seg::Resource(i, rtype)]);
+        check_tree(res, &mut path, &full_urls, problems);
         if rtype == "Patient" && res.get("identifier").is_none() {
             problems.push(format!(
                 "{path}.identifier: a Patient needs at least one identifier"
@@ -115,7 +152,12 @@ fn london(bundle: &Value, problems: &mut Vec<String>) {
 }
 
 /// Walks a resource: references resolve, NHS numbers are valid, date-times carry offsets.
-fn check_tree(v: &Value, path: &str, full_urls: &HashSet<String>, problems: &mut Vec<String>) {
+fn check_tree<'a>(
+    v: &'a Value,
+    path: &mut Path<'a>,
+    full_urls: &HashSet<String>,
+    problems: &mut Vec<String>,
+) {
     match v {
         Value::Object(m) => {
             if let Some(Value::String(r)) = m.get("reference")
@@ -148,12 +190,18 @@ fn check_tree(v: &Value, path: &str, full_urls: &HashSet<String>, problems: &mut
                         "{path}.{k}: a date-time with a time must carry an offset"
                     ));
                 }
-                check_tree(c, &format!("{path}.{k}"), full_urls, problems);
+                if matches!(c, Value::Object(_) | Value::Array(_)) {
+                    path.0.push(Seg::Key(k));
+                    check_tree(c, path, full_urls, problems);
+                    path.0.pop();
+                }
             }
         }
         Value::Array(a) => {
             for (i, c) in a.iter().enumerate() {
-                check_tree(c, &format!("{path}[{i}]"), full_urls, problems);
+                path.0.push(Seg::Index(i));
+                check_tree(c, path, full_urls, problems);
+                path.0.pop();
             }
         }
         _ => {}
@@ -181,4 +229,86 @@ fn has_offset(s: &str) -> bool {
     let Some(t) = s.find('T') else { return true };
     let time = &s[t..];
     time.ends_with('Z') || time.contains('+') || time.contains('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn bundle(resources: Vec<Value>) -> Value {
+        let mut entries = vec![json!({
+            "fullUrl": "urn:uuid:00000000-0000-5000-8000-000000000001",
+            "resource": {
+                "resourceType": "MessageHeader",
+                "id": "00000000-0000-5000-8000-000000000001",
+                "eventCoding": { "system": "http://terminology.hl7.org/CodeSystem/v2-0003", "code": "A01" },
+                "source": { "endpoint": "https://example.org/device/1" }
+            }
+        })];
+        for (i, r) in resources.into_iter().enumerate() {
+            let id = format!("00000000-0000-5000-8000-00000000001{i}");
+            let mut r = r;
+            r["id"] = Value::String(id.clone());
+            entries.push(json!({ "fullUrl": format!("urn:uuid:{id}"), "resource": r }));
+        }
+        json!({ "resourceType": "Bundle", "type": "message", "entry": entries })
+    }
+
+    fn patient() -> Value {
+        json!({
+            "resourceType": "Patient",
+            "identifier": [ { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9449305552" } ],
+            "birthDate": "1980-01-01"
+        })
+    }
+
+    #[test]
+    fn a_minimal_valid_bundle_passes() {
+        validate(&bundle(vec![patient()])).expect("valid");
+    }
+
+    #[test]
+    fn an_unknown_element_is_reported_with_its_path() {
+        let mut p = patient();
+        p["nmae"] = json!([ { "family": "X" } ]);
+        let err = validate(&bundle(vec![p])).expect_err("unknown element");
+        assert!(
+            err.0
+                .iter()
+                .any(|e| e.contains("Bundle.entry[1].resource.nmae is not an element")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_fails_the_structural_check() {
+        let mut p = patient();
+        p["birthDate"] = json!(19800101);
+        let err = validate(&bundle(vec![p])).expect_err("wrong type");
+        assert!(
+            err.0.iter().any(|e| e.starts_with("FHIR R4 structure")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn profile_rules_report_every_problem() {
+        let mut p = patient();
+        p["identifier"][0]["value"] = json!("9449305553");
+        p["generalPractitioner"] =
+            json!([ { "reference": "urn:uuid:00000000-0000-5000-8000-00000000ffff" } ]);
+        p["deceasedDateTime"] = json!("2026-01-01T10:00:00");
+        let err = validate(&bundle(vec![p])).expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("modulus 11"), "{text}");
+        assert!(
+            text.contains("generalPractitioner[0].reference does not resolve"),
+            "{text}"
+        );
+        assert!(
+            text.contains("deceasedDateTime: a date-time with a time must carry an offset"),
+            "{text}"
+        );
+    }
 }

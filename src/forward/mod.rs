@@ -8,7 +8,7 @@
 //!
 //! * `prefix` (config `mqtt.topic_prefix`, default `hl7-edge`) may itself span several levels
 //!   (`region/hl7-edge`); empty levels in it are dropped.
-//! * `site` (config `mqtt.site`) names the appliance's site, `feed` the logical source feed,
+//! * `site` (config `mqtt.site`, default the appliance id) names the appliance, `feed` the logical source feed,
 //!   and the last level is MSH-9 as `TYPE_EVENT` (`ADT_A01`).
 //! * Every level is sanitised by [`topic`]: the MQTT wildcards `+` and `#`, the separator `/`,
 //!   NUL and other control characters become `_`; an empty level becomes `_`; a level starting
@@ -18,12 +18,15 @@
 //!
 //! # Delivery guarantees
 //!
-//! QoS 1, payload = the stored Bundle bytes as-is. A record becomes `Delivered` only when the
+//! QoS 1 (or 2), payload = the stored Bundle bytes as-is. A record becomes `Delivered` only when the
 //! PUBACK for *its* publish arrives (see [`mqtt`] for how PUBACKs are matched to records).
 //! Within a feed records are published in id order; feeds are pipelined independently. A
 //! connection loss forgets everything in flight and republishes it from the store after the
 //! reconnect: at-least-once, the exchange deduplicates on `Bundle.identifier`.
 
+mod link;
 pub mod mqtt;
 
-pub use mqtt::{ForwardError, Forwarder, MqttConfig, topic};
+pub use mqtt::{
+    ForwardError, ForwardStatus, Forwarder, MqttConfig, MqttProtocol, health_topic, topic,
+};

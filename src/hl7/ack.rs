@@ -15,6 +15,12 @@
 //! * MSA-3 (text message) carries the first error's message, truncated to 80 characters (the
 //!   ST length of early versions); it is omitted from v2.7 on, where MSA-3 is withdrawn.
 //! * An empty or non-numeric incoming version (sniffed garbage) is answered as v2.5.1.
+//!
+//! Mode and charset (MSH-15 to MSH-18 of the ACK):
+//! * In enhanced mode (the incoming MSH-15 or MSH-16 is valued) the ACK carries MSH-15 `NE` and
+//!   MSH-16 `NE`: an acknowledgement is never itself acknowledged.
+//! * When the incoming message declares MSH-18, the ACK declares the same character set (the
+//!   caller encodes the ACK's bytes in it, see `encode_from_utf8`).
 
 use super::error::ErrorCode;
 use super::escape::encode_escapes;
@@ -151,6 +157,24 @@ pub fn build_ack(
         e(version),
     ]
     .join(&f.to_string());
+    let enhanced = incoming.accept_ack_type.is_some() || incoming.application_ack_type.is_some();
+    // MSH-13 .. MSH-18, written only up to the last valued one.
+    let mut tail = vec![String::new(); 6];
+    if enhanced {
+        tail[2] = e("NE");
+        tail[3] = e("NE");
+    }
+    if let Some(cs) = &incoming.charset {
+        tail[5] = e(cs);
+    }
+    while tail.last().is_some_and(String::is_empty) {
+        tail.pop();
+    }
+    let msh = if tail.is_empty() {
+        msh
+    } else {
+        format!("{msh}{f}{}", tail.join(&f.to_string()))
+    };
 
     let msa_text = match errors.first() {
         Some(first) if !code.is_accept() && !version_at_least(version, 2, 7) => {
@@ -426,6 +450,28 @@ mod tests {
             "20261125101500+0000",
         );
         assert!(ack.starts_with("MSH|^~\\&|"));
+    }
+
+    #[test]
+    fn ack_enhanced_mode_and_charset_fields() {
+        let mut h = header("2.5");
+        h.accept_ack_type = Some("AL".into());
+        h.charset = Some("8859/1".into());
+        let ack = build_ack(&h, &Separators::default(), AckCode::CA, &[], "A1", "2026");
+        let msh = ack.split('\r').next().unwrap_or_default();
+        assert_eq!(
+            msh,
+            "MSH|^~\\&|EDGE|GW|LAB|HOSP|2026||ACK^R01^ACK|A1|P|2.5|||NE|NE||8859/1"
+        );
+        let parsed = parse(&ack).unwrap();
+        assert_eq!(parsed.header().accept_ack_type.as_deref(), Some("NE"));
+        let mut h = header("2.5");
+        h.application_ack_type = Some("AL".into());
+        let ack = build_ack(&h, &Separators::default(), AckCode::CA, &[], "A1", "2026");
+        assert!(
+            ack.starts_with("MSH|^~\\&|EDGE|GW|LAB|HOSP|2026||ACK^R01^ACK|A1|P|2.5|||NE|NE\r"),
+            "{ack}"
+        );
     }
 
     #[test]

@@ -232,6 +232,39 @@ pub fn decode_to_utf8(
     Ok((strip_bom(text), used))
 }
 
+/// Encodes text (an ACK) in the sender's character set: the encoding `decode_to_utf8` used for
+/// its message. UTF-16 is written as UTF-16 (no BOM; encoding_rs would write UTF-8 there), and a
+/// character the charset cannot represent becomes `?` (never an HTML entity, which is what
+/// encoding_rs substitutes by default).
+pub fn encode_from_utf8(text: &str, encoding: &'static Encoding) -> Vec<u8> {
+    if encoding == UTF_16LE || encoding == UTF_16BE {
+        let le = encoding == UTF_16LE;
+        return text
+            .encode_utf16()
+            .flat_map(|u| if le { u.to_le_bytes() } else { u.to_be_bytes() })
+            .collect();
+    }
+    let encoding = encoding.output_encoding();
+    if encoding == UTF_8 {
+        return text.as_bytes().to_vec();
+    }
+    let mut encoder = encoding.new_encoder();
+    let mut out = Vec::with_capacity(text.len() + 16);
+    let mut rest = text;
+    let mut buf = [0u8; 1024];
+    loop {
+        let (result, read, written) =
+            encoder.encode_from_utf8_without_replacement(rest, &mut buf, true);
+        out.extend_from_slice(buf.get(..written).unwrap_or_default());
+        rest = rest.get(read..).unwrap_or_default();
+        match result {
+            encoding_rs::EncoderResult::InputEmpty => return out,
+            encoding_rs::EncoderResult::OutputFull => {}
+            encoding_rs::EncoderResult::Unmappable(_) => out.push(b'?'),
+        }
+    }
+}
+
 fn strip_bom(text: String) -> String {
     match text.strip_prefix('\u{FEFF}') {
         Some(rest) => rest.to_owned(),
@@ -252,6 +285,21 @@ mod tests {
         v.extend_from_slice(pid_name);
         v.extend_from_slice(b"^JOHN\r");
         v
+    }
+
+    #[test]
+    fn encode_back_in_the_senders_charset() {
+        use encoding_rs::UTF_16LE;
+        assert_eq!(
+            encode_from_utf8("MÜLLER €", WINDOWS_1252),
+            b"M\xDCLLER \x80"
+        );
+        assert_eq!(encode_from_utf8("Łódź", ISO_8859_2), b"\xA3\xF3d\xBC");
+        assert_eq!(encode_from_utf8("a日b", WINDOWS_1252), b"a?b");
+        assert_eq!(encode_from_utf8("MSH", UTF_16LE), b"M\0S\0H\0");
+        assert_eq!(encode_from_utf8("Zoë", UTF_8), "Zoë".as_bytes());
+        let long = "é".repeat(5000);
+        assert_eq!(encode_from_utf8(&long, WINDOWS_1252), vec![0xE9; 5000]);
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //!     }
 //! };
 //! assert!(ack.starts_with("MSH|^~\\&|EDGE|GW|LAB|HOSP|"));
-//! assert!(ack.ends_with("\rMSA|AA|MSG1"));
+//! assert!(ack.ends_with("\rMSA|AA|MSG1\r"));
 //! # Ok(())
 //! # }
 //! ```
@@ -80,6 +80,7 @@
 //! `location()`, `to_ack_error()`), and never contains field values; see `error.rs`.
 
 mod ack;
+pub mod batch;
 mod charset;
 mod error;
 mod escape;
@@ -92,7 +93,7 @@ mod separators;
 mod tests;
 
 pub use ack::{AckCode, AckError, build_ack};
-pub use charset::decode_to_utf8;
+pub use charset::{decode_to_utf8, encode_from_utf8};
 pub use error::{CharsetError, ErrorCode, ParseError};
 pub use escape::{decode_escapes, encode_escapes};
 pub use header::{Header, MessageType, sniff_header};

@@ -11,6 +11,7 @@ use figment::providers::{Format, Toml};
 use serde::{Deserialize, Serialize};
 
 use super::mllp::MllpConfig;
+use super::serial::SerialConfig;
 
 /// The feeds compiled into the binary, used when `adapters_dir` is not configured.
 pub const EMBEDDED: &[(&str, &str)] = &[(
@@ -33,7 +34,59 @@ pub struct FeedConfig {
     /// Names of the mappings this feed may use; empty means all loaded mappings.
     #[serde(default)]
     pub mappings: Vec<String>,
+    /// When the positive ACK is sent: after the durable commit (default) or after mapping and
+    /// validation too.
+    #[serde(default)]
+    pub ack_after: AckAfter,
+    /// The duplicates window (`[duplicates]`).
+    #[serde(default)]
+    pub duplicates: DuplicatesConfig,
     pub transport: Transport,
+}
+
+/// When a feed's messages are acknowledged positively.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckAfter {
+    /// `AA`/`CA` as soon as the message is durably stored; mapping runs afterwards and a
+    /// mapping failure becomes a quarantine record (never lost). Fast: the ACK never waits for
+    /// the CPU-bound mapping.
+    #[default]
+    Commit,
+    /// Map and validate first: a message that cannot be mapped gets `AE`/`CE` with the reason
+    /// and is not stored (the sender keeps it); one that maps is stored, then `AA`/`CA`.
+    Mapping,
+}
+
+/// `[duplicates]` of a feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DuplicatesConfig {
+    /// `drop` (default): a message already accepted (same sender MSH-3/MSH-4, MSH-10 and
+    /// content) is acknowledged again but not stored or forwarded again. `off`: store all.
+    pub mode: DuplicatesMode,
+    /// How long an accepted message is remembered.
+    pub window_hours: u32,
+    /// Same control id with different content: `accept` (store, log a warning) or `reject`
+    /// (`AR`/`CR`, error 205).
+    pub on_conflict: crate::outbox::ConflictPolicy,
+}
+
+impl Default for DuplicatesConfig {
+    fn default() -> Self {
+        DuplicatesConfig {
+            mode: DuplicatesMode::Drop,
+            window_hours: 48,
+            on_conflict: crate::outbox::ConflictPolicy::Accept,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DuplicatesMode {
+    Drop,
+    Off,
 }
 
 /// How the bytes of a feed arrive.
@@ -42,6 +95,8 @@ pub struct FeedConfig {
 pub enum Transport {
     /// HL7 MLLP over TCP.
     Mllp(MllpConfig),
+    /// A serial (RS-232) line; see [`super::serial`].
+    Serial(SerialConfig),
 }
 
 impl FeedConfig {
@@ -116,6 +171,18 @@ pub fn load(dir: Option<&Path>) -> Result<Vec<FeedConfig>, AdapterError> {
                 other.display()
             ));
         }
+        match &f.transport {
+            Transport::Mllp(m) => {
+                if let Err(e) = m.validate() {
+                    errors.push(format!("{}: {e}", path.display()));
+                }
+            }
+            Transport::Serial(s) => {
+                for e in s.validate() {
+                    errors.push(format!("{}: transport: {e}", path.display()));
+                }
+            }
+        }
         if let Some(label) = &f.charset_fallback
             && encoding_rs::Encoding::for_label(label.as_bytes()).is_none()
         {
@@ -144,7 +211,9 @@ mod tests {
         let feeds = load(None).expect("embedded feeds are valid");
         assert_eq!(feeds.len(), 1);
         assert_eq!(feeds[0].name, "mllp-default");
-        let Transport::Mllp(m) = &feeds[0].transport;
+        let Transport::Mllp(m) = &feeds[0].transport else {
+            panic!("the embedded feed is MLLP");
+        };
         assert_eq!(m.bind.to_string(), "127.0.0.1:2575");
     }
 
@@ -165,5 +234,79 @@ mod tests {
         assert!(err.contains("a.toml") && err.contains("Bad Name"), "{err}");
         assert!(err.contains("klingon"), "{err}");
         assert!(err.contains("b.toml") && err.contains("max_frame"), "{err}");
+    }
+
+    #[test]
+    fn ingest_settings_parse_and_are_checked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            dir.path().join("a.toml"),
+            "name = \"a\"\nack_after = \"mapping\"\n[duplicates]\nmode = \"off\"\non_conflict = \"reject\"\n\
+             [transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:1\"\nallow = [\"10.0.0.0/8\", \"127.0.0.1\"]\n\
+             start_byte = 0x02\nend_bytes = [0x03]\nframe_timeout_secs = 5\n",
+        )
+        .expect("write");
+        let feeds = load(Some(dir.path())).expect("valid");
+        assert_eq!(feeds[0].ack_after, AckAfter::Mapping);
+        assert_eq!(feeds[0].duplicates.mode, DuplicatesMode::Off);
+        let Transport::Mllp(m) = &feeds[0].transport else {
+            panic!("mllp");
+        };
+        assert_eq!(m.allow.len(), 2);
+        assert_eq!(m.framing().trailer, None);
+        assert_eq!(m.framing().start, 0x02);
+
+        std::fs::write(
+            dir.path().join("a.toml"),
+            "name = \"a\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:1\"\nallow = [\"10.0.0.0/33\"]\n",
+        )
+        .expect("write");
+        let err = load(Some(dir.path())).expect_err("bad cidr").to_string();
+        assert!(err.contains("10.0.0.0/33"), "{err}");
+        std::fs::write(
+            dir.path().join("a.toml"),
+            "name = \"a\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:1\"\nend_bytes = [1, 2, 3]\n",
+        )
+        .expect("write");
+        let err = load(Some(dir.path())).expect_err("bad framing").to_string();
+        assert!(err.contains("a.toml") && err.contains("end_bytes"), "{err}");
+    }
+
+    #[test]
+    fn the_documented_serial_examples_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/examples");
+        let feeds = load(Some(&dir)).expect("every example is valid");
+        let modes: Vec<_> = feeds
+            .iter()
+            .filter_map(|f| match &f.transport {
+                Transport::Serial(s) => Some(s.framing_name()),
+                Transport::Mllp(_) => None,
+            })
+            .collect();
+        for m in ["mllp", "stx", "astm", "timeout"] {
+            assert!(modes.contains(&m), "an example for {m}: {modes:?}");
+        }
+    }
+
+    #[test]
+    fn serial_feeds_load_and_are_checked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            dir.path().join("lab.toml"),
+            "name = \"lab\"\n[transport]\nkind = \"serial\"\ndevice = \"/dev/serial/by-id/usb-x\"\nbaud = 19200\n[transport.framing]\nmode = \"astm\"\n",
+        )
+        .expect("write");
+        let feeds = load(Some(dir.path())).expect("valid serial feed");
+        let Transport::Serial(s) = &feeds[0].transport else {
+            panic!("serial");
+        };
+        assert_eq!(s.baud, 19200);
+        std::fs::write(
+            dir.path().join("bad.toml"),
+            "name = \"bad\"\n[transport]\nkind = \"serial\"\ndevice = \"/dev/x\"\nbaud = 0\n[transport.framing]\nmode = \"timeout\"\n",
+        )
+        .expect("write");
+        let err = load(Some(dir.path())).expect_err("baud 0").to_string();
+        assert!(err.contains("bad.toml") && err.contains("baud"), "{err}");
     }
 }

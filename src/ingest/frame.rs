@@ -1,4 +1,6 @@
 //! MLLP framing: `<VT> message <FS><CR>` (0x0B ... 0x1C 0x0D), as HL7's MLLP release 2 defines it.
+//! Odd senders use other bytes (STX/ETX, no trailing CR): [`Framing`] makes them configurable
+//! per feed (`start_byte`, `end_bytes`).
 //!
 //! The decoder is a pure state machine over a byte buffer so that it can be tested byte by byte and
 //! reused for serial lines. It never holds more than `max_frame` bytes of one message: an oversize
@@ -14,6 +16,38 @@ pub const END: u8 = 0x1C;
 /// The carriage return that must follow [`END`].
 pub const END_CR: u8 = 0x0D;
 
+/// The framing bytes of one feed: a start byte, an end byte and an optional trailer byte
+/// (MLLP: `0x0B`, `0x1C`, `0x0D`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    pub start: u8,
+    pub end: u8,
+    /// Expected after `end`; tolerated when missing. `None`: the end byte alone ends a frame.
+    pub trailer: Option<u8>,
+}
+
+impl Default for Framing {
+    fn default() -> Self {
+        Framing {
+            start: START,
+            end: END,
+            trailer: Some(END_CR),
+        }
+    }
+}
+
+impl Framing {
+    /// Wraps `body` in these framing bytes.
+    pub fn encode(&self, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(body.len() + 3);
+        v.push(self.start);
+        v.extend_from_slice(body);
+        v.push(self.end);
+        v.extend(self.trailer);
+        v
+    }
+}
+
 /// One event produced by the decoder.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -27,6 +61,7 @@ pub enum Frame {
 #[derive(Debug)]
 pub struct Decoder {
     max_frame: usize,
+    framing: Framing,
     state: State,
     body: Vec<u8>,
     /// Bytes seen outside any frame since the decoder was created.
@@ -47,8 +82,14 @@ enum State {
 
 impl Decoder {
     pub fn new(max_frame: usize) -> Self {
+        Self::with_framing(max_frame, Framing::default())
+    }
+
+    /// A decoder for non-standard framing bytes.
+    pub fn with_framing(max_frame: usize, framing: Framing) -> Self {
         Decoder {
             max_frame,
+            framing,
             state: State::Idle,
             body: Vec::new(),
             skipped: 0,
@@ -69,10 +110,15 @@ impl Decoder {
     /// Feeds `input`, appending complete frames to `out`. Every byte is consumed: a partial
     /// frame is kept internally until its end arrives.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<Frame>) {
+        let Framing {
+            start,
+            end,
+            trailer,
+        } = self.framing;
         for &b in input {
             self.state = match self.state {
                 State::Idle => {
-                    if b == START {
+                    if b == start {
                         self.body.clear();
                         State::InFrame
                     } else {
@@ -80,52 +126,62 @@ impl Decoder {
                         State::Idle
                     }
                 }
-                State::InFrame => match b {
-                    END => State::SawEnd,
-                    START => {
+                State::InFrame => {
+                    if b == end {
+                        if trailer.is_none() {
+                            out.push(Frame::Message(std::mem::take(&mut self.body)));
+                            State::Idle
+                        } else {
+                            State::SawEnd
+                        }
+                    } else if b == start {
                         // A new start inside a frame: the sender restarted. The partial body is
                         // dropped (it was never ACKed) and counted.
                         self.skipped += self.body.len() as u64 + 1;
                         self.body.clear();
                         State::InFrame
-                    }
-                    _ => self.push(b),
-                },
-                State::SawEnd => {
-                    if b == END_CR {
-                        out.push(Frame::Message(std::mem::take(&mut self.body)));
-                        State::Idle
                     } else {
-                        // FS not followed by CR: tolerate (some senders omit the CR) by treating
-                        // the frame as complete and re-examining this byte.
-                        out.push(Frame::Message(std::mem::take(&mut self.body)));
-                        if b == START {
+                        self.push(b)
+                    }
+                }
+                State::SawEnd => {
+                    out.push(Frame::Message(std::mem::take(&mut self.body)));
+                    if Some(b) == trailer {
+                        State::Idle
+                    } else if b == start {
+                        // End byte not followed by the trailer: tolerate (some senders omit
+                        // the CR) by treating the frame as complete and re-examining this byte.
+                        State::InFrame
+                    } else {
+                        self.skipped += 1;
+                        State::Idle
+                    }
+                }
+                State::Draining { len, saw_end } => {
+                    if saw_end && Some(b) == trailer {
+                        out.push(Frame::Oversize { len });
+                        State::Idle
+                    } else if b == end {
+                        if trailer.is_none() {
+                            out.push(Frame::Oversize { len });
+                            State::Idle
+                        } else {
+                            State::Draining { len, saw_end: true }
+                        }
+                    } else if saw_end {
+                        out.push(Frame::Oversize { len });
+                        if b == start {
                             State::InFrame
                         } else {
-                            self.skipped += 1;
                             State::Idle
+                        }
+                    } else {
+                        State::Draining {
+                            len: len.saturating_add(1),
+                            saw_end: false,
                         }
                     }
                 }
-                State::Draining { len, saw_end } => match (saw_end, b) {
-                    (true, END_CR) => {
-                        out.push(Frame::Oversize { len });
-                        State::Idle
-                    }
-                    (_, END) => State::Draining { len, saw_end: true },
-                    (true, _) => {
-                        out.push(Frame::Oversize { len });
-                        if b == START {
-                            State::InFrame
-                        } else {
-                            State::Idle
-                        }
-                    }
-                    (false, _) => State::Draining {
-                        len: len.saturating_add(1),
-                        saw_end: false,
-                    },
-                },
             };
         }
     }
@@ -147,12 +203,7 @@ impl Decoder {
 
 /// Wraps `body` in MLLP framing.
 pub fn encode(body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(body.len() + 3);
-    v.push(START);
-    v.extend_from_slice(body);
-    v.push(END);
-    v.push(END_CR);
-    v
+    Framing::default().encode(body)
 }
 
 #[cfg(test)]
@@ -226,6 +277,35 @@ mod tests {
     fn restart_inside_frame_drops_partial() {
         let (f, _) = run(100, &[b"\x0bpartial\x0bwhole\x1c\x0d"]);
         assert_eq!(f, vec![Frame::Message(b"whole".to_vec())]);
+    }
+
+    #[test]
+    fn custom_framing_stx_etx_without_trailer() {
+        let framing = Framing {
+            start: 0x02,
+            end: 0x03,
+            trailer: None,
+        };
+        let mut d = Decoder::with_framing(100, framing);
+        let mut out = Vec::new();
+        d.feed(b"\r\n\x02MSH|a\r\x03\x02MSH|b\x03", &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Frame::Message(b"MSH|a\r".to_vec()),
+                Frame::Message(b"MSH|b".to_vec())
+            ]
+        );
+        // VT and FS are ordinary bytes for this feed.
+        d.feed(b"\x02\x0bx\x1c\x03", &mut out);
+        assert_eq!(out[2], Frame::Message(b"\x0bx\x1c".to_vec()));
+        let mut big = vec![0x02];
+        big.extend(std::iter::repeat_n(b'x', 500));
+        big.extend([0x03, 0x02, b'k', 0x03]);
+        d.feed(&big, &mut out);
+        assert_eq!(out[3], Frame::Oversize { len: 500 });
+        assert_eq!(out[4], Frame::Message(b"k".to_vec()));
+        assert_eq!(framing.encode(b"A"), b"\x02A\x03");
     }
 
     #[test]

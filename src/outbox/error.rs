@@ -47,6 +47,20 @@ pub enum StoreError {
         max_records: u64,
     },
 
+    /// The oldest message waiting for delivery is older than `outbox.max_age_secs`: new messages
+    /// are refused (negative ACK) so the sender holds them and alarms, until the exchange has
+    /// caught up.
+    #[error(
+        "outbox {path}: the oldest undelivered message is {oldest_age_secs} s old, beyond \
+         outbox.max_age_secs = {max_age_secs}; refusing new messages until delivery catches up \
+         (check the MQTT forwarder and the broker)"
+    )]
+    TooOld {
+        path: PathBuf,
+        oldest_age_secs: u64,
+        max_age_secs: u64,
+    },
+
     /// No live record (nor audit row) has this id.
     #[error("outbox record {id} does not exist")]
     NotFound { id: RecordId },
@@ -86,4 +100,20 @@ pub enum StoreError {
     /// The writer has shut down (daemon stopping): nothing was stored.
     #[error("outbox writer is shut down; the operation was not stored")]
     Closed,
+}
+
+impl StoreError {
+    /// True for the refusals that mean "full, try later" (space, record count or age).
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Full { .. } | StoreError::TooOld { .. })
+    }
+
+    /// True when the database file is held by another process (a running daemon).
+    pub fn is_locked(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Open { source, .. }
+                if matches!(**source, redb::DatabaseError::DatabaseAlreadyOpen)
+        )
+    }
 }

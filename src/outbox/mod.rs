@@ -10,31 +10,53 @@
 //! ```text
 //!            insert (durable)          set_ready               PUBACK -> mark_delivered
 //!  (new) ───────────────────> Received ─────────> Ready ───────────────────────────> Delivered
-//!                                │                  │                                 (payloads pruned,
-//!                                └──── quarantine ──┴──> Quarantined { reason }        audit row kept)
+//!                              │    ▲               │  ▲                              (payloads pruned,
+//!                   quarantine │    │ retry         │  │ retry                         audit row kept)
+//!                              ▼    │               ▼  │
+//!                            Quarantined { reason }  DeadLettered { reason }
 //! ```
 //!
 //! * **Received**: the raw HL7 bytes are on disk; ingest may now send `AA`/`CA`.
-//! * **Ready**: the signed Bundle is stored and waits for its feed's publisher.
-//! * **Delivered**: the broker acknowledged (QoS 1 PUBACK); raw and Bundle are deleted and an
-//!   audit row (id, feed, control id, hashes, times) remains until
-//!   [`WriterHandle::prune_audit`] removes it after the retention time.
-//! * **Quarantined**: mapping/validation failed (or the Bundle cannot be published); kept with
-//!   the reason for an operator, never forwarded, and it does *not* block its feed.
+//! * **Ready**: mapped, validated and signed: the Bundle is stored and waits for its feed's
+//!   publisher. Mapping and signing are one step (a pure function of the raw message, redone
+//!   from scratch after a crash), so "mapped" and "signed" are not separate durable states.
+//! * **Delivered**: the broker acknowledged (PUBACK, or PUBCOMP with QoS 2); raw and Bundle are
+//!   deleted and an audit row (id, feed, control id, message id, hashes, times) remains until
+//!   [`WriterHandle::prune_audit`] removes it after the retention time (the daemon prunes
+//!   hourly) or an operator purges it (`hl7-edge outbox purge --delivered`).
+//! * **Quarantined**: mapping/validation failed; kept with the raw message and the reason for an
+//!   operator, never forwarded, and it does *not* block its feed. `retry` maps it again.
+//! * **DeadLettered**: the broker refused the Bundle for good (too large, not authorised); kept
+//!   with its Bundle and the reason instead of being retried forever; does not block its feed.
+//!   `retry` makes it Ready again (publishers rewind: see [`Outbox::retry_epoch`]).
 //!
 //! Crash recovery is "resume every record from its state": [`Outbox::pending_for_mapping`]
-//! lists what the mapper must redo, [`Outbox::next_ready`] is where each publisher restarts.
-//! A publisher that crashed between PUBLISH and the delivered commit republishes: delivery is
-//! at-least-once, and the exchange deduplicates on `Bundle.identifier`.
+//! lists what the mapper must redo (Received), [`Outbox::next_ready`] is where each publisher
+//! restarts (Ready, including what was in flight), parked records stay parked, delivered ones
+//! are gone. A publisher that crashed between PUBLISH and the delivered commit republishes:
+//! delivery is at-least-once, and the exchange deduplicates on `Bundle.identifier`.
+//!
+//! # Limits
+//!
+//! [`OutboxLimits`]: total bytes and records not yet delivered, and the age of the oldest
+//! message still waiting for delivery. Beyond any of them inserts fail with
+//! [`StoreError::Full`] / [`StoreError::TooOld`] and ingest answers a negative ACK: the sender
+//! keeps the message, nothing is dropped silently. Entering and leaving that state is logged
+//! once each (warn / info); [`OutboxStats::refusing`] and `refused_total` and the per-feed
+//! `refused` counters ([`Outbox::feed_counters`]) show it in `hl7-edge outbox stats` and in
+//! the feed heartbeats.
 //!
 //! # Durability
 //!
 //! redb commits with `Durability::Immediate` (its default): `commit()` returns after the data
 //! and the new root are fsynced, and a torn write leaves the previous commit intact. Ids,
 //! byte counters and per-state counts live in the same transaction as the records, so they are
-//! never out of step after a crash. When the limits ([`OutboxLimits`]) are reached, inserts fail
-//! with [`StoreError::Full`] so ingest answers a negative ACK: the sender keeps the message,
-//! nothing is dropped silently.
+//! never out of step after a crash.
+//!
+//! # Duplicates window
+//!
+//! Two more tables hold the duplicates window of ingest (`dedup.rs`): checked and updated in
+//! the same transaction as the insert they guard ([`WriterHandle::insert_dedup`]).
 //!
 //! # Why one writer
 //!
@@ -44,15 +66,24 @@
 //! answers each caller only after the commit that holds its operation. Readers use MVCC
 //! snapshots and never wait for the writer. Consumers learn about new work from a
 //! `tokio::sync::watch` ([`Outbox::subscribe_changes`]) instead of polling.
+//!
+//! # One process
+//!
+//! redb locks the file: only the daemon opens it. Operators' commands reach the store of a
+//! running daemon through its admin socket ([`crate::ops::admin`]), which executes them with the
+//! daemon's own handle and writer; on a stopped daemon the command opens the file itself.
 
+mod dedup;
 mod error;
 mod store;
 mod writer;
 
+pub use dedup::{ConflictPolicy, DedupInsert, DedupKey, DedupOutcome, content_hash};
 pub use error::StoreError;
 pub use store::{
-    AuditEntry, ListFilter, NewRecord, Outbox, OutboxLimits, OutboxStats, Record, RecordId,
-    RecordMeta, RecordState, StateKind, WriteOp, WriteOutcome, now_ms, sha256_hex,
+    AuditEntry, BundleInfo, FeedCounters, ListFilter, NewRecord, Outbox, OutboxLimits, OutboxStats,
+    Record, RecordId, RecordMeta, RecordState, StateKind, WriteOp, WriteOutcome, now_ms,
+    sha256_hex,
 };
 pub use writer::{Writer, WriterConfig, WriterHandle};
 

@@ -13,9 +13,11 @@
 //! * `counters` holds the next id, the byte total and per-state counts, updated in the same
 //!   transaction as the records, so they can never drift from the data.
 
+use std::collections::HashMap;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{
@@ -36,6 +38,8 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_delivered
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 const SCHEMA_VERSION: u64 = 1;
+/// redb page cache size (see [`Outbox::open`]).
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
 const C_SCHEMA: &str = "schema_version";
 const C_NEXT_ID: &str = "next_id";
 const C_BYTES: &str = "bytes";
@@ -43,6 +47,7 @@ const C_RECEIVED: &str = "received";
 const C_READY: &str = "ready";
 const C_QUARANTINED: &str = "quarantined";
 const C_DELIVERED: &str = "delivered_total";
+const C_DEAD: &str = "dead_lettered";
 
 /// Global, monotonically increasing record id, assigned at insert in commit order and never
 /// reused (the counter is persisted in the same transaction as the record).
@@ -68,8 +73,13 @@ pub enum RecordState {
     Ready,
     /// The broker acknowledged the Bundle; payloads are gone, an audit row remains.
     Delivered,
-    /// Mapping or validation failed (or the Bundle cannot be published): kept, never forwarded.
+    /// Mapping or validation failed: kept with the raw message, never forwarded until an
+    /// operator retries it (`hl7-edge outbox retry ID` maps it again).
     Quarantined { reason: String },
+    /// The broker refused the signed Bundle for good (too large, not authorised, invalid topic):
+    /// kept with its Bundle and the reason instead of being retried forever. `retry` makes it
+    /// `Ready` again once the cause is fixed.
+    DeadLettered { reason: String },
 }
 
 impl RecordState {
@@ -79,6 +89,7 @@ impl RecordState {
             RecordState::Ready => StateKind::Ready,
             RecordState::Delivered => StateKind::Delivered,
             RecordState::Quarantined { .. } => StateKind::Quarantined,
+            RecordState::DeadLettered { .. } => StateKind::DeadLettered,
         }
     }
 }
@@ -90,6 +101,22 @@ pub enum StateKind {
     Ready,
     Delivered,
     Quarantined,
+    DeadLettered,
+}
+
+impl StateKind {
+    /// Parses the names [`Display`](std::fmt::Display) prints (`dead-lettered` also as
+    /// `dead_lettered` or `dead`).
+    pub fn parse(s: &str) -> Option<StateKind> {
+        Some(match s {
+            "received" => StateKind::Received,
+            "ready" => StateKind::Ready,
+            "delivered" => StateKind::Delivered,
+            "quarantined" => StateKind::Quarantined,
+            "dead-lettered" | "dead_lettered" | "dead" => StateKind::DeadLettered,
+            _ => return None,
+        })
+    }
 }
 
 impl std::fmt::Display for StateKind {
@@ -99,6 +126,7 @@ impl std::fmt::Display for StateKind {
             StateKind::Ready => "ready",
             StateKind::Delivered => "delivered",
             StateKind::Quarantined => "quarantined",
+            StateKind::DeadLettered => "dead-lettered",
         })
     }
 }
@@ -134,9 +162,23 @@ pub struct RecordMeta {
     /// Lowercase hex SHA-256 of the Bundle, once `Ready`.
     pub bundle_sha256: Option<String>,
     pub bundle_len: u64,
+    /// `Bundle.identifier.value`: the id the exchange deduplicates on (MQTT 5 user property).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The signing key's id (`kid`), for the exchange to pick the verifying key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
     /// Set only for `Delivered` records (read from the audit table).
     #[serde(skip)]
     pub delivered_at_ms: Option<u64>,
+}
+
+/// What the pipeline knows about a signed Bundle besides its bytes (carried to MQTT 5 user
+/// properties without parsing the Bundle again at publish time).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BundleInfo {
+    pub message_id: Option<String>,
+    pub key_id: Option<String>,
 }
 
 /// A record with its payloads (each `None` when not stored or not loaded).
@@ -168,6 +210,8 @@ pub struct AuditEntry {
     pub delivered_at_ms: u64,
     pub raw_sha256: String,
     pub bundle_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
 }
 
 /// Limits that turn into negative ACKs instead of an exhausted disk.
@@ -176,8 +220,15 @@ pub struct AuditEntry {
 pub struct OutboxLimits {
     /// Maximum total bytes of raw messages + Bundles of records not yet delivered.
     pub max_bytes: u64,
-    /// Maximum number of records not yet delivered (received + ready + quarantined).
+    /// Maximum number of records not yet delivered (received + ready + quarantined +
+    /// dead-lettered).
     pub max_records: u64,
+    /// Refuse new messages while the oldest message still waiting for delivery (received or
+    /// ready; parked quarantined and dead-lettered records do not count) is older than this, in
+    /// milliseconds; 0 disables the check. A sender that gets negative ACKs keeps its messages
+    /// and raises its own alarms, instead of the appliance hoarding days of admissions the
+    /// exchange has not seen.
+    pub max_age_ms: u64,
 }
 
 impl Default for OutboxLimits {
@@ -185,8 +236,23 @@ impl Default for OutboxLimits {
         OutboxLimits {
             max_bytes: 1 << 30,
             max_records: 1_000_000,
+            max_age_ms: 0,
         }
     }
+}
+
+/// Per-feed counters since the database was opened (in memory), for heartbeats and `stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedCounters {
+    pub received: u64,
+    /// Inserts refused because the outbox was full or too old (negative ACKs).
+    pub refused: u64,
+    pub delivered: u64,
+    pub quarantined: u64,
+    pub dead_lettered: u64,
+    /// Unix ms of the last stored message of this feed (`None`: none since open).
+    pub last_received_ms: Option<u64>,
+    pub last_delivered_ms: Option<u64>,
 }
 
 /// Counts and sizes, for health checks and the `outbox` CLI command.
@@ -195,6 +261,7 @@ pub struct OutboxStats {
     pub received: u64,
     pub ready: u64,
     pub quarantined: u64,
+    pub dead_lettered: u64,
     /// Delivered since the database was created (audit rows may have been pruned).
     pub delivered_total: u64,
     pub audit_rows: u64,
@@ -204,6 +271,13 @@ pub struct OutboxStats {
     pub max_records: u64,
     /// The id the next insert will get.
     pub next_id: RecordId,
+    pub max_age_ms: u64,
+    /// Reception time (Unix ms) of the oldest record waiting for delivery, if any.
+    pub oldest_pending_ms: Option<u64>,
+    /// Inserts refused for space or age since open.
+    pub refused_total: u64,
+    /// True while inserts are being refused (the last insert attempt was refused).
+    pub refusing: bool,
 }
 
 /// Filter for [`Outbox::list`].
@@ -222,10 +296,33 @@ pub struct ListFilter {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteOp {
     Insert(NewRecord),
-    SetReady { id: RecordId, bundle: Vec<u8> },
-    Quarantine { id: RecordId, reason: String },
-    MarkDelivered { id: RecordId },
-    PruneAudit { cutoff_ms: u64 },
+    SetReady {
+        id: RecordId,
+        bundle: Vec<u8>,
+        info: BundleInfo,
+    },
+    Quarantine {
+        id: RecordId,
+        reason: String,
+    },
+    /// `Ready` -> `DeadLettered`: the broker refused the Bundle for good.
+    DeadLetter {
+        id: RecordId,
+        reason: String,
+    },
+    /// An operator's retry: `Quarantined` -> `Received` (mapped again), `DeadLettered` ->
+    /// `Ready` (published again).
+    Retry {
+        id: RecordId,
+    },
+    MarkDelivered {
+        id: RecordId,
+    },
+    PruneAudit {
+        cutoff_ms: u64,
+    },
+    /// An insert guarded by the duplicates window (see `dedup.rs`).
+    InsertDedup(Box<super::dedup::DedupInsert>),
 }
 
 /// The successful result of one [`WriteOp`].
@@ -234,6 +331,10 @@ pub enum WriteOutcome {
     Inserted(RecordId),
     Done,
     Pruned(u64),
+    /// The result of [`WriteOp::InsertDedup`].
+    Dedup(super::dedup::DedupOutcome),
+    /// A retry moved the record to this state.
+    Retried(StateKind),
 }
 
 /// Handle to the store. Cheap to clone; all clones share one redb database.
@@ -248,6 +349,23 @@ struct Inner {
     limits: OutboxLimits,
     commits: AtomicU64,
     changes: watch::Sender<u64>,
+    /// Bumped by every committed retry: a publisher whose feed cursor is past a retried record
+    /// must start its feed again from the first undelivered record.
+    retry_epoch: AtomicU64,
+    refused_total: AtomicU64,
+    refusing: std::sync::atomic::AtomicBool,
+    feeds: Mutex<HashMap<String, FeedCounters>>,
+}
+
+/// What a committed op changed, applied to the in-memory counters after the commit.
+enum Effect {
+    None,
+    Received { feed: String, at: u64 },
+    Refused { feed: String },
+    Delivered { feed: String, at: u64 },
+    Quarantined { feed: String },
+    DeadLettered { feed: String },
+    Retried,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -287,6 +405,8 @@ struct Tables<'txn> {
     to_map: Table<'txn, u64, ()>,
     audit: Table<'txn, u64, &'static [u8]>,
     counters: Table<'txn, &'static str, u64>,
+    dedup: Table<'txn, &'static str, &'static [u8]>,
+    dedup_by_expiry: Table<'txn, (u64, &'static str), ()>,
 }
 
 impl Outbox {
@@ -295,10 +415,16 @@ impl Outbox {
     /// Creates the tables on first use and checks the schema version, so a later read never
     /// fails with "table does not exist".
     pub fn open(path: &Path, limits: OutboxLimits) -> Result<Outbox, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })?;
+        // redb's default page cache may grow to 1 GiB: with a large backlog that is the
+        // appliance's whole memory budget (942 MiB peak RSS measured with 100,000 messages).
+        // Reads here are sequential scans of recent pages; a small cache costs little.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            })?;
         let (changes, _) = watch::channel(0);
         let outbox = Outbox {
             inner: Arc::new(Inner {
@@ -307,6 +433,10 @@ impl Outbox {
                 limits,
                 commits: AtomicU64::new(0),
                 changes,
+                retry_epoch: AtomicU64::new(0),
+                refused_total: AtomicU64::new(0),
+                refusing: std::sync::atomic::AtomicBool::new(false),
+                feeds: Mutex::new(HashMap::new()),
             }),
         };
         outbox.init_schema()?;
@@ -406,6 +536,12 @@ impl Outbox {
             counters: txn
                 .open_table(COUNTERS)
                 .map_err(self.storage("open counters"))?,
+            dedup: txn
+                .open_table(super::dedup::DEDUP)
+                .map_err(self.storage("open dedup_window"))?,
+            dedup_by_expiry: txn
+                .open_table(super::dedup::DEDUP_BY_EXPIRY)
+                .map_err(self.storage("open dedup_by_expiry"))?,
         })
     }
 
@@ -571,13 +707,57 @@ impl Outbox {
             received: self.counter(&c, C_RECEIVED)?,
             ready: self.counter(&c, C_READY)?,
             quarantined: self.counter(&c, C_QUARANTINED)?,
+            dead_lettered: self.counter(&c, C_DEAD)?,
             delivered_total: self.counter(&c, C_DELIVERED)?,
             audit_rows: audit.len().map_err(self.storage("count audit rows"))?,
             bytes: self.counter(&c, C_BYTES)?,
             max_bytes: self.inner.limits.max_bytes,
             max_records: self.inner.limits.max_records,
             next_id: RecordId(self.counter(&c, C_NEXT_ID)?.max(1)),
+            max_age_ms: self.inner.limits.max_age_ms,
+            oldest_pending_ms: {
+                let pending = txn
+                    .open_table(PENDING)
+                    .map_err(self.storage("open pending_by_feed"))?;
+                let meta = txn
+                    .open_table(META)
+                    .map_err(self.storage("open records_meta"))?;
+                self.oldest_pending(&pending, &meta)?
+            },
+            refused_total: self.inner.refused_total.load(Ordering::Relaxed),
+            refusing: self.inner.refusing.load(Ordering::Relaxed),
         })
+    }
+
+    /// Number of records of `feed` waiting for delivery (received or ready). Counts index
+    /// entries: meant for heartbeats (once a minute), not for every message.
+    pub fn pending_count(&self, feed: &str) -> Result<u64, StoreError> {
+        let txn = self.begin_read()?;
+        let pending = txn
+            .open_table(PENDING)
+            .map_err(self.storage("open pending_by_feed"))?;
+        let mut n = 0u64;
+        for entry in pending
+            .range((feed, 0)..=(feed, u64::MAX))
+            .map_err(self.storage("scan pending_by_feed"))?
+        {
+            entry.map_err(self.storage("scan pending_by_feed"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Per-feed counters since open (a snapshot).
+    pub fn feed_counters(&self) -> HashMap<String, FeedCounters> {
+        match self.inner.feeds.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Changes whenever a retry was committed (see [`WriteOp::Retry`]).
+    pub fn retry_epoch(&self) -> u64 {
+        self.inner.retry_epoch.load(Ordering::Relaxed)
     }
 
     /// Metas in id order matching `filter` (for the CLI and the quarantine review).
@@ -649,22 +829,147 @@ impl Outbox {
     ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
         let txn = self.begin_write()?;
         let mut results = Vec::with_capacity(ops.len());
+        let mut effects = Vec::with_capacity(ops.len());
         let mut changed = false;
         {
             let mut t = self.open_tables(&txn)?;
             let now = now_ms();
+            // The age check needs one index lookup per feed: do it once per batch, and only when
+            // the batch inserts (the oldest pending record can only get younger within a batch).
+            let mut oldest: Option<Option<u64>> = None;
             for op in ops {
-                let r = self.apply_one(&mut t, op, now)?;
-                changed |= matches!(r, Ok(WriteOutcome::Inserted(_) | WriteOutcome::Done));
+                if matches!(op, WriteOp::Insert(_) | WriteOp::InsertDedup(_))
+                    && self.inner.limits.max_age_ms > 0
+                    && oldest.is_none()
+                {
+                    oldest = Some(self.oldest_pending(&t.pending, &t.meta)?);
+                }
+                let (r, effect) = self.apply_one(&mut t, op, now, oldest.flatten())?;
+                changed |= matches!(
+                    r,
+                    Ok(WriteOutcome::Inserted(_)
+                        | WriteOutcome::Done
+                        | WriteOutcome::Retried(_)
+                        | WriteOutcome::Dedup(
+                            super::dedup::DedupOutcome::Stored(_)
+                                | super::dedup::DedupOutcome::StoredConflict { .. }
+                        ))
+                );
                 results.push(r);
+                effects.push(effect);
             }
         }
         txn.commit().map_err(self.storage("commit write batch"))?;
         self.inner.commits.fetch_add(1, Ordering::Relaxed);
+        self.apply_effects(effects);
         if changed {
             self.inner.changes.send_modify(|g| *g = g.wrapping_add(1));
         }
         Ok(results)
+    }
+
+    /// Updates the in-memory counters after a commit, and logs entering and leaving the
+    /// "refusing" state once each (not once per refused message).
+    fn apply_effects(&self, effects: Vec<Effect>) {
+        let mut refused_now = 0u64;
+        let mut accepted_now = false;
+        let mut retried = false;
+        {
+            let mut feeds = match self.inner.feeds.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            for e in effects {
+                match e {
+                    Effect::None => {}
+                    Effect::Received { feed, at } => {
+                        accepted_now = true;
+                        let c = feeds.entry(feed).or_default();
+                        c.received += 1;
+                        c.last_received_ms = Some(at);
+                    }
+                    Effect::Refused { feed } => {
+                        refused_now += 1;
+                        feeds.entry(feed).or_default().refused += 1;
+                    }
+                    Effect::Delivered { feed, at } => {
+                        let c = feeds.entry(feed).or_default();
+                        c.delivered += 1;
+                        c.last_delivered_ms = Some(at);
+                    }
+                    Effect::Quarantined { feed } => feeds.entry(feed).or_default().quarantined += 1,
+                    Effect::DeadLettered { feed } => {
+                        feeds.entry(feed).or_default().dead_lettered += 1
+                    }
+                    Effect::Retried => retried = true,
+                }
+            }
+        }
+        if retried {
+            self.inner.retry_epoch.fetch_add(1, Ordering::Relaxed);
+        }
+        if refused_now > 0 {
+            self.inner
+                .refused_total
+                .fetch_add(refused_now, Ordering::Relaxed);
+        }
+        // The last insert of the batch decides the state; a batch with both means the limit is
+        // right at the edge, which the next batch settles.
+        if refused_now > 0 && !accepted_now {
+            if !self.inner.refusing.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    path = %self.inner.path.display(),
+                    refused_total = self.inner.refused_total.load(Ordering::Relaxed),
+                    "outbox full (outbox.max_bytes / max_records / max_age reached): new messages \
+                     get negative ACKs until delivered records free space"
+                );
+            }
+        } else if accepted_now && self.inner.refusing.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                path = %self.inner.path.display(),
+                refused_total = self.inner.refused_total.load(Ordering::Relaxed),
+                "outbox accepting messages again"
+            );
+        }
+    }
+
+    /// Reception time of the oldest record waiting for delivery: the first pending entry of
+    /// each feed (a skip scan over the `(feed, id)` index, one lookup per feed).
+    fn oldest_pending(
+        &self,
+        pending: &impl ReadableTable<(&'static str, u64), ()>,
+        meta: &impl ReadableTable<u64, &'static [u8]>,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut oldest: Option<u64> = None;
+        let mut after: Option<String> = None;
+        loop {
+            let first = {
+                let mut range = match &after {
+                    None => pending.range::<(&str, u64)>(..),
+                    Some(f) => pending.range::<(&str, u64)>((
+                        Bound::Excluded((f.as_str(), u64::MAX)),
+                        Bound::Unbounded,
+                    )),
+                }
+                .map_err(self.storage("scan pending_by_feed"))?;
+                match range.next() {
+                    None => None,
+                    Some(entry) => {
+                        let (k, _) = entry.map_err(self.storage("scan pending_by_feed"))?;
+                        let (feed, id) = k.value();
+                        Some((feed.to_string(), id))
+                    }
+                }
+            };
+            let Some((feed, id)) = first else {
+                return Ok(oldest);
+            };
+            if let Some(m) = meta.get(id).map_err(self.storage("read meta"))? {
+                let m = self.decode_meta(id, m.value())?;
+                oldest = Some(oldest.map_or(m.received_at_ms, |o| o.min(m.received_at_ms)));
+            }
+            after = Some(feed);
+        }
     }
 
     fn add_counter(
@@ -722,31 +1027,63 @@ impl Outbox {
         Ok(())
     }
 
+    fn state_counter(kind: StateKind) -> &'static str {
+        match kind {
+            StateKind::Received => C_RECEIVED,
+            StateKind::Ready => C_READY,
+            StateKind::Quarantined => C_QUARANTINED,
+            StateKind::DeadLettered => C_DEAD,
+            StateKind::Delivered => C_DELIVERED,
+        }
+    }
+
     /// Outer `Err`: the batch must be aborted. Inner `Err`: this op is refused, nothing written.
     fn apply_one(
         &self,
         t: &mut Tables<'_>,
         op: &WriteOp,
         now: u64,
-    ) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
+        oldest_pending_ms: Option<u64>,
+    ) -> Result<(Result<WriteOutcome, StoreError>, Effect), StoreError> {
         match op {
             WriteOp::Insert(new) => {
                 let raw_len = new.raw.len() as u64;
                 let used = self.counter(&t.counters, C_BYTES)?;
                 let records = self.counter(&t.counters, C_RECEIVED)?
                     + self.counter(&t.counters, C_READY)?
-                    + self.counter(&t.counters, C_QUARANTINED)?;
+                    + self.counter(&t.counters, C_QUARANTINED)?
+                    + self.counter(&t.counters, C_DEAD)?;
                 let limits = &self.inner.limits;
                 if used.saturating_add(raw_len) > limits.max_bytes || records >= limits.max_records
                 {
-                    return Ok(Err(StoreError::Full {
-                        path: self.inner.path.clone(),
-                        used_bytes: used,
-                        max_bytes: limits.max_bytes,
-                        incoming_bytes: raw_len,
-                        records,
-                        max_records: limits.max_records,
-                    }));
+                    return Ok((
+                        Err(StoreError::Full {
+                            path: self.inner.path.clone(),
+                            used_bytes: used,
+                            max_bytes: limits.max_bytes,
+                            incoming_bytes: raw_len,
+                            records,
+                            max_records: limits.max_records,
+                        }),
+                        Effect::Refused {
+                            feed: new.feed.clone(),
+                        },
+                    ));
+                }
+                if limits.max_age_ms > 0
+                    && let Some(oldest) = oldest_pending_ms
+                    && now.saturating_sub(oldest) > limits.max_age_ms
+                {
+                    return Ok((
+                        Err(StoreError::TooOld {
+                            path: self.inner.path.clone(),
+                            oldest_age_secs: now.saturating_sub(oldest) / 1000,
+                            max_age_secs: limits.max_age_ms / 1000,
+                        }),
+                        Effect::Refused {
+                            feed: new.feed.clone(),
+                        },
+                    ));
                 }
                 let id = RecordId(self.counter(&t.counters, C_NEXT_ID)?.max(1));
                 let meta = RecordMeta {
@@ -760,6 +1097,8 @@ impl Outbox {
                     raw_len,
                     bundle_sha256: None,
                     bundle_len: 0,
+                    message_id: None,
+                    key_id: None,
                     delivered_at_ms: None,
                 };
                 self.put_meta(t, &meta)?;
@@ -777,22 +1116,34 @@ impl Outbox {
                     .map_err(self.storage("update counter"))?;
                 self.add_counter(t, C_BYTES, raw_len as i64)?;
                 self.add_counter(t, C_RECEIVED, 1)?;
-                Ok(Ok(WriteOutcome::Inserted(id)))
+                Ok((
+                    Ok(WriteOutcome::Inserted(id)),
+                    Effect::Received {
+                        feed: new.feed.clone(),
+                        at: new.received_at_ms,
+                    },
+                ))
             }
-            WriteOp::SetReady { id, bundle } => {
+            WriteOp::SetReady { id, bundle, info } => {
                 let Some(mut meta) = self.load_meta(t, *id)? else {
-                    return Ok(Err(self.missing(t, *id, "set ready")?));
+                    return Ok((Err(self.missing(t, *id, "set ready")?), Effect::None));
                 };
                 if meta.state != RecordState::Received {
-                    return Ok(Err(StoreError::InvalidTransition {
-                        id: *id,
-                        op: "set ready",
-                        state: meta.state.kind(),
-                    }));
+                    return Ok((
+                        Err(StoreError::InvalidTransition {
+                            id: *id,
+                            op: "set ready",
+                            state: meta.state.kind(),
+                        }),
+                        Effect::None,
+                    ));
                 }
                 meta.state = RecordState::Ready;
                 meta.bundle_sha256 = Some(sha256_hex(bundle));
+                let old_bundle_len = meta.bundle_len;
                 meta.bundle_len = bundle.len() as u64;
+                meta.message_id = info.message_id.clone();
+                meta.key_id = info.key_id.clone();
                 self.put_meta(t, &meta)?;
                 t.bundle
                     .insert(id.0, bundle.as_slice())
@@ -802,25 +1153,41 @@ impl Outbox {
                     .map_err(self.storage("update pending_mapping"))?;
                 // Bundles are not refused for space: the message was already accepted and
                 // ACKed; refusing its Bundle would only wedge the feed. New inserts pay instead.
-                self.add_counter(t, C_BYTES, bundle.len() as i64)?;
+                self.add_counter(t, C_BYTES, bundle.len() as i64 - old_bundle_len as i64)?;
                 self.add_counter(t, C_RECEIVED, -1)?;
                 self.add_counter(t, C_READY, 1)?;
-                Ok(Ok(WriteOutcome::Done))
+                Ok((Ok(WriteOutcome::Done), Effect::None))
             }
-            WriteOp::Quarantine { id, reason } => {
+            WriteOp::Quarantine { id, reason } | WriteOp::DeadLetter { id, reason } => {
+                let dead = matches!(op, WriteOp::DeadLetter { .. });
+                let name = if dead { "dead-letter" } else { "quarantine" };
                 let Some(mut meta) = self.load_meta(t, *id)? else {
-                    return Ok(Err(self.missing(t, *id, "quarantine")?));
+                    return Ok((Err(self.missing(t, *id, name)?), Effect::None));
                 };
                 let from = meta.state.kind();
-                if !matches!(from, StateKind::Received | StateKind::Ready) {
-                    return Ok(Err(StoreError::InvalidTransition {
-                        id: *id,
-                        op: "quarantine",
-                        state: from,
-                    }));
+                let allowed = if dead {
+                    from == StateKind::Ready
+                } else {
+                    matches!(from, StateKind::Received | StateKind::Ready)
+                };
+                if !allowed {
+                    return Ok((
+                        Err(StoreError::InvalidTransition {
+                            id: *id,
+                            op: name,
+                            state: from,
+                        }),
+                        Effect::None,
+                    ));
                 }
-                meta.state = RecordState::Quarantined {
-                    reason: reason.clone(),
+                meta.state = if dead {
+                    RecordState::DeadLettered {
+                        reason: reason.clone(),
+                    }
+                } else {
+                    RecordState::Quarantined {
+                        reason: reason.clone(),
+                    }
                 };
                 self.put_meta(t, &meta)?;
                 t.pending
@@ -829,32 +1196,93 @@ impl Outbox {
                 t.to_map
                     .remove(id.0)
                     .map_err(self.storage("update pending_mapping"))?;
-                self.add_counter(
-                    t,
-                    if from == StateKind::Received {
-                        C_RECEIVED
+                self.add_counter(t, Self::state_counter(from), -1)?;
+                self.add_counter(t, if dead { C_DEAD } else { C_QUARANTINED }, 1)?;
+                let feed = meta.feed;
+                Ok((
+                    Ok(WriteOutcome::Done),
+                    if dead {
+                        Effect::DeadLettered { feed }
                     } else {
-                        C_READY
+                        Effect::Quarantined { feed }
                     },
-                    -1,
-                )?;
-                self.add_counter(t, C_QUARANTINED, 1)?;
-                Ok(Ok(WriteOutcome::Done))
+                ))
+            }
+            WriteOp::Retry { id } => {
+                let Some(mut meta) = self.load_meta(t, *id)? else {
+                    return Ok((Err(self.missing(t, *id, "retry")?), Effect::None));
+                };
+                let from = meta.state.kind();
+                let to = match from {
+                    StateKind::Quarantined => {
+                        // Mapped again from the raw message (a fixed mapping may now accept it);
+                        // a Bundle it may have had is dropped.
+                        if t.raw.get(id.0).map_err(self.storage("read raw"))?.is_none() {
+                            return Err(self.corrupt(format!(
+                                "quarantined record #{} has no raw message",
+                                id.0
+                            )));
+                        }
+                        t.bundle
+                            .remove(id.0)
+                            .map_err(self.storage("remove bundle"))?;
+                        self.add_counter(t, C_BYTES, -(meta.bundle_len as i64))?;
+                        meta.bundle_len = 0;
+                        meta.bundle_sha256 = None;
+                        meta.state = RecordState::Received;
+                        t.to_map
+                            .insert(id.0, ())
+                            .map_err(self.storage("write pending_mapping"))?;
+                        StateKind::Received
+                    }
+                    StateKind::DeadLettered => {
+                        if t.bundle
+                            .get(id.0)
+                            .map_err(self.storage("read bundle"))?
+                            .is_none()
+                        {
+                            return Err(self
+                                .corrupt(format!("dead-lettered record #{} has no bundle", id.0)));
+                        }
+                        meta.state = RecordState::Ready;
+                        StateKind::Ready
+                    }
+                    other => {
+                        return Ok((
+                            Err(StoreError::InvalidTransition {
+                                id: *id,
+                                op: "retry",
+                                state: other,
+                            }),
+                            Effect::None,
+                        ));
+                    }
+                };
+                self.put_meta(t, &meta)?;
+                t.pending
+                    .insert((meta.feed.as_str(), id.0), ())
+                    .map_err(self.storage("write pending_by_feed"))?;
+                self.add_counter(t, Self::state_counter(from), -1)?;
+                self.add_counter(t, Self::state_counter(to), 1)?;
+                Ok((Ok(WriteOutcome::Retried(to)), Effect::Retried))
             }
             WriteOp::MarkDelivered { id } => {
                 let Some(meta) = self.load_meta(t, *id)? else {
                     // A second PUBACK for a republished record: already delivered is success.
                     if self.is_delivered(t, *id)? {
-                        return Ok(Ok(WriteOutcome::Done));
+                        return Ok((Ok(WriteOutcome::Done), Effect::None));
                     }
-                    return Ok(Err(StoreError::NotFound { id: *id }));
+                    return Ok((Err(StoreError::NotFound { id: *id }), Effect::None));
                 };
                 if meta.state != RecordState::Ready {
-                    return Ok(Err(StoreError::InvalidTransition {
-                        id: *id,
-                        op: "mark delivered",
-                        state: meta.state.kind(),
-                    }));
+                    return Ok((
+                        Err(StoreError::InvalidTransition {
+                            id: *id,
+                            op: "mark delivered",
+                            state: meta.state.kind(),
+                        }),
+                        Effect::None,
+                    ));
                 }
                 let entry = AuditEntry {
                     id: *id,
@@ -865,6 +1293,7 @@ impl Outbox {
                     delivered_at_ms: now,
                     raw_sha256: meta.raw_sha256.clone(),
                     bundle_sha256: meta.bundle_sha256.clone(),
+                    message_id: meta.message_id.clone(),
                 };
                 let bytes = self.encode(id.0, &entry)?;
                 t.audit
@@ -884,7 +1313,33 @@ impl Outbox {
                 self.add_counter(t, C_BYTES, -(freed as i64))?;
                 self.add_counter(t, C_READY, -1)?;
                 self.add_counter(t, C_DELIVERED, 1)?;
-                Ok(Ok(WriteOutcome::Done))
+                Ok((
+                    Ok(WriteOutcome::Done),
+                    Effect::Delivered {
+                        feed: meta.feed,
+                        at: now,
+                    },
+                ))
+            }
+            WriteOp::InsertDedup(d) => {
+                use super::dedup;
+                let seen = dedup::lookup(&t.dedup, &d.key, now)
+                    .map_err(self.storage("read dedup_window"))?;
+                if let Some(out) = dedup::short_circuit(&seen, d.on_conflict) {
+                    return Ok((Ok(WriteOutcome::Dedup(out)), Effect::None));
+                }
+                let (inserted, effect) = self.apply_one(
+                    t,
+                    &WriteOp::Insert(d.record.clone()),
+                    now,
+                    oldest_pending_ms,
+                )?;
+                let Ok(WriteOutcome::Inserted(id)) = inserted else {
+                    return Ok((inserted, effect));
+                };
+                let out = dedup::remember(&mut t.dedup, &mut t.dedup_by_expiry, d, id, &seen, now)
+                    .map_err(self.storage("write dedup_window"))?;
+                Ok((Ok(WriteOutcome::Dedup(out)), effect))
             }
             WriteOp::PruneAudit { cutoff_ms } => {
                 let mut pruned = 0u64;
@@ -914,7 +1369,7 @@ impl Outbox {
                         "outbox: audit rows that cannot be decoded were kept by pruning"
                     );
                 }
-                Ok(Ok(WriteOutcome::Pruned(pruned)))
+                Ok((Ok(WriteOutcome::Pruned(pruned)), Effect::None))
             }
         }
     }
@@ -941,6 +1396,8 @@ fn meta_from_audit(e: AuditEntry) -> RecordMeta {
         raw_len: 0,
         bundle_sha256: e.bundle_sha256,
         bundle_len: 0,
+        message_id: e.message_id,
+        key_id: None,
         delivered_at_ms: Some(e.delivered_at_ms),
     }
 }

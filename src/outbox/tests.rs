@@ -80,6 +80,7 @@ async fn full_limit_refuses_inserts_and_delivery_frees_space() {
     let limits = OutboxLimits {
         max_bytes: one * 2 + one / 2,
         max_records: 100,
+        max_age_ms: 0,
     };
     let (outbox, writer) = open(&dir, limits);
     let a = writer.insert(rec("lab", 1)).await.expect("insert 1");
@@ -112,6 +113,7 @@ async fn full_limit_refuses_inserts_and_delivery_frees_space() {
         OutboxLimits {
             max_bytes: u64::MAX,
             max_records: 1,
+            max_age_ms: 0,
         },
     );
     writer2.insert(rec("lab", 1)).await.expect("insert");
@@ -350,4 +352,139 @@ fn corrupt_meta_is_an_error_not_a_panic() {
     let err = outbox.get(RecordId(7)).expect_err("corrupt");
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
     assert!(err.to_string().contains("#7"), "{err}");
+}
+
+#[tokio::test]
+async fn dead_letter_and_retry_move_records_and_keep_counts_right() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (outbox, writer) = open(&dir, OutboxLimits::default());
+    let a = writer.insert(rec("adt", 1)).await.expect("insert");
+    let b = writer.insert(rec("adt", 2)).await.expect("insert");
+    // Dead-lettering needs a Bundle (Ready).
+    assert!(matches!(
+        writer.dead_letter(a, "x".into()).await,
+        Err(StoreError::InvalidTransition { .. })
+    ));
+    writer
+        .set_ready_with(
+            a,
+            b"{}".to_vec(),
+            BundleInfo {
+                message_id: Some("M1".into()),
+                key_id: Some("k".into()),
+            },
+        )
+        .await
+        .expect("ready");
+    writer
+        .dead_letter(a, "broker refused: NotAuthorized (0x87)".into())
+        .await
+        .expect("dead-letter");
+    writer
+        .quarantine(b, "PID-3 missing".into())
+        .await
+        .expect("q");
+    let s = outbox.stats().expect("stats");
+    assert_eq!((s.ready, s.dead_lettered, s.quarantined), (0, 1, 1));
+    // Parked records do not block their feed.
+    assert_eq!(outbox.next_ready("adt", None).expect("next"), None);
+    let meta = outbox.get_meta(a).expect("meta").expect("a");
+    assert_eq!(meta.message_id.as_deref(), Some("M1"));
+    assert_eq!(meta.key_id.as_deref(), Some("k"));
+
+    let epoch = outbox.retry_epoch();
+    assert_eq!(writer.retry(a).await.expect("retry"), StateKind::Ready);
+    assert_eq!(writer.retry(b).await.expect("retry"), StateKind::Received);
+    assert!(
+        outbox.retry_epoch() > epoch,
+        "publishers are told to rewind"
+    );
+    assert_eq!(outbox.pending_for_mapping().expect("pending"), vec![b]);
+    assert_eq!(
+        outbox
+            .next_ready("adt", None)
+            .expect("next")
+            .map(|r| r.id()),
+        Some(a)
+    );
+    assert_eq!(outbox.pending_count("adt").expect("count"), 2);
+    let s = outbox.stats().expect("stats");
+    assert_eq!(
+        (s.received, s.ready, s.dead_lettered, s.quarantined),
+        (1, 1, 0, 0)
+    );
+    // Retrying a live record is refused.
+    assert!(matches!(
+        writer.retry(a).await,
+        Err(StoreError::InvalidTransition { .. })
+    ));
+    writer.mark_delivered(a).await.expect("delivered");
+    assert!(matches!(
+        writer.retry(a).await,
+        Err(StoreError::InvalidTransition {
+            state: StateKind::Delivered,
+            ..
+        })
+    ));
+    assert_eq!(writer.purge_delivered().await.expect("purge"), 1);
+    assert_eq!(outbox.get_meta(a).expect("meta"), None);
+    let c = outbox.feed_counters();
+    assert_eq!(c["adt"].received, 2);
+    assert_eq!(c["adt"].delivered, 1);
+    assert_eq!(c["adt"].dead_lettered, 1);
+    assert_eq!(c["adt"].quarantined, 1);
+    close(outbox, writer).await;
+}
+
+#[tokio::test]
+async fn max_age_refuses_new_messages_while_the_oldest_pending_is_too_old() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = OutboxLimits {
+        max_age_ms: 60_000,
+        ..OutboxLimits::default()
+    };
+    let (outbox, writer) = open(&dir, limits);
+    // rec() is received in 2023: far older than a minute.
+    let old = writer.insert(rec("lab", 1)).await.expect("first insert");
+    let err = writer
+        .insert(rec("adt", 2))
+        .await
+        .expect_err("oldest pending is too old");
+    assert!(matches!(err, StoreError::TooOld { .. }), "{err:?}");
+    assert!(err.is_full());
+    assert!(err.to_string().contains("max_age_secs"), "{err}");
+    let s = outbox.stats().expect("stats");
+    assert!(s.refusing);
+    assert_eq!(s.refused_total, 1);
+    assert_eq!(s.oldest_pending_ms, Some(rec("lab", 1).received_at_ms));
+    // Parking the old record (quarantine) lifts the refusal.
+    writer.quarantine(old, "bad".into()).await.expect("q");
+    let mut fresh = rec("adt", 3);
+    fresh.received_at_ms = now_ms();
+    writer.insert(fresh).await.expect("accepted again");
+    assert!(!outbox.stats().expect("stats").refusing);
+    close(outbox, writer).await;
+}
+
+#[test]
+fn state_names_round_trip() {
+    for k in [
+        StateKind::Received,
+        StateKind::Ready,
+        StateKind::Delivered,
+        StateKind::Quarantined,
+        StateKind::DeadLettered,
+    ] {
+        assert_eq!(StateKind::parse(&k.to_string()), Some(k));
+    }
+    assert_eq!(StateKind::parse("bogus"), None);
+}
+
+#[test]
+fn a_second_process_sees_the_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outbox.redb");
+    let _held = Outbox::open(&path, OutboxLimits::default()).expect("first open");
+    let err = Outbox::open(&path, OutboxLimits::default()).expect_err("second open");
+    assert!(err.is_locked(), "{err:?}");
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::error::StoreError;
-use super::store::{NewRecord, Outbox, RecordId, WriteOp, WriteOutcome};
+use super::store::{BundleInfo, NewRecord, Outbox, RecordId, StateKind, WriteOp, WriteOutcome};
 
 /// Tuning of the writer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,7 +93,7 @@ impl std::fmt::Debug for Msg {
 }
 
 impl WriterHandle {
-    async fn submit(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+    pub(super) async fn submit(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Op(op, reply))
@@ -113,9 +113,48 @@ impl WriterHandle {
 
     /// Stores the signed Bundle: `Received` -> `Ready`.
     pub async fn set_ready(&self, id: RecordId, bundle: Vec<u8>) -> Result<(), StoreError> {
-        self.submit(WriteOp::SetReady { id, bundle })
+        self.set_ready_with(id, bundle, BundleInfo::default()).await
+    }
+
+    /// [`Self::set_ready`] with the Bundle's message id and signing key id (MQTT 5 properties).
+    pub async fn set_ready_with(
+        &self,
+        id: RecordId,
+        bundle: Vec<u8>,
+        info: BundleInfo,
+    ) -> Result<(), StoreError> {
+        self.submit(WriteOp::SetReady { id, bundle, info })
             .await
             .map(drop)
+    }
+
+    /// `Ready` -> `DeadLettered`: the broker refused the Bundle for good (reason kept).
+    pub async fn dead_letter(&self, id: RecordId, reason: String) -> Result<(), StoreError> {
+        self.submit(WriteOp::DeadLetter { id, reason })
+            .await
+            .map(drop)
+    }
+
+    /// An operator's retry: `Quarantined` -> `Received`, `DeadLettered` -> `Ready`. Returns the
+    /// new state.
+    pub async fn retry(&self, id: RecordId) -> Result<StateKind, StoreError> {
+        match self.submit(WriteOp::Retry { id }).await? {
+            WriteOutcome::Retried(k) => Ok(k),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes every audit row of a delivered record (an operator's `purge --delivered`).
+    pub async fn purge_delivered(&self) -> Result<u64, StoreError> {
+        match self
+            .submit(WriteOp::PruneAudit {
+                cutoff_ms: u64::MAX,
+            })
+            .await?
+        {
+            WriteOutcome::Pruned(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// `Received`/`Ready` -> `Quarantined`: kept with the reason, never forwarded.

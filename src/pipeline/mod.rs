@@ -21,12 +21,13 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::SiteConfig;
 use crate::fhir::envelope::{self, EnvelopeInput};
+use crate::fhir::profile::{self, ProfileConfig};
 use crate::fhir::validate;
 use crate::hl7;
 use crate::ingest::adapter::FeedConfig;
 use crate::map::{Explain, Explanation, MapError, MappingSet, RunContext};
 use crate::ops::shutdown::Shutdown;
-use crate::outbox::{Outbox, RecordId, RecordState, WriterHandle};
+use crate::outbox::{BundleInfo, Outbox, RecordId, RecordState, WriterHandle};
 use crate::sign::{self, SigningKey};
 
 /// Why a stored message became a quarantine record instead of a Bundle. Texts carry no patient
@@ -41,6 +42,8 @@ pub enum ProcessError {
     Map(#[from] MapError),
     #[error("validation: {0}")]
     Invalid(#[from] validate::Invalid),
+    #[error("London profile: {}", .0.join("; "))]
+    Profile(Vec<String>),
     #[error("signing: {0}")]
     Sign(#[from] sign::SignError),
     #[error("serialise: {0}")]
@@ -60,16 +63,22 @@ pub struct Produced {
 pub struct Processor {
     mappings: RwLock<Arc<MappingSet>>,
     pub site: SiteConfig,
+    pub profile: ProfileConfig,
     pub tz: jiff::tz::TimeZone,
 }
 
 impl Processor {
-    pub fn new(mappings: Arc<MappingSet>, site: SiteConfig) -> Result<Processor, String> {
+    pub fn new(
+        mappings: Arc<MappingSet>,
+        site: SiteConfig,
+        profile: ProfileConfig,
+    ) -> Result<Processor, String> {
         let tz = jiff::tz::TimeZone::get(&site.timezone)
             .map_err(|e| format!("site.timezone {:?}: {e}", site.timezone))?;
         Ok(Processor {
             mappings: RwLock::new(mappings),
             site,
+            profile,
             tz,
         })
     }
@@ -98,11 +107,15 @@ impl Processor {
         feed: &FeedConfig,
         received_at: jiff::Timestamp,
     ) -> Result<Produced, ProcessError> {
-        self.bundle_explained(raw, feed, received_at, Explain::Off)
+        let produced = self.build(raw, feed, received_at, Explain::Off)?;
+        self.validate(&produced.bundle)?;
+        Ok(produced)
     }
 
-    /// [`Self::bundle`], optionally recording where every element came from.
-    pub fn bundle_explained(
+    /// Decodes, parses, maps and assembles one message without validating the result (for
+    /// `hl7-edge map`, which shows authors the Bundle *and* what is wrong with it), optionally
+    /// recording where every element came from.
+    pub fn build(
         &self,
         raw: &[u8],
         feed: &FeedConfig,
@@ -133,12 +146,22 @@ impl Processor {
             raw_sha256,
         };
         let bundle = envelope::assemble(&input, mapped);
-        validate::validate(&bundle)?;
         Ok(Produced {
             bundle,
             warnings,
             explain,
         })
+    }
+
+    /// FHIR R4 structure, then the London overlay's minimums.
+    pub fn validate(&self, bundle: &Value) -> Result<(), ProcessError> {
+        validate::validate(bundle)?;
+        let misses = profile::check(bundle, &self.profile);
+        if misses.is_empty() {
+            Ok(())
+        } else {
+            Err(ProcessError::Profile(misses))
+        }
     }
 
     /// [`Self::bundle`], then signs it; returns the bytes to store and forward.
@@ -149,6 +172,18 @@ impl Processor {
         received_at: jiff::Timestamp,
         key: &SigningKey,
     ) -> Result<(Vec<u8>, Vec<String>), ProcessError> {
+        self.signed(raw, feed, received_at, key)
+            .map(|s| (s.bytes, s.warnings))
+    }
+
+    /// [`Self::signed_bytes`], with what the forwarder needs besides the bytes.
+    pub fn signed(
+        &self,
+        raw: &[u8],
+        feed: &FeedConfig,
+        received_at: jiff::Timestamp,
+        key: &SigningKey,
+    ) -> Result<Signed, ProcessError> {
         let Produced {
             mut bundle,
             warnings,
@@ -160,8 +195,25 @@ impl Processor {
             "identifier": { "system": "urn:ietf:rfc:3986", "value": self.site.appliance_uri() }
         });
         sign::sign_bundle(&mut bundle, key, &when, who)?;
-        Ok((serde_json::to_vec(&bundle)?, warnings))
+        let info = BundleInfo {
+            message_id: bundle["identifier"]["value"].as_str().map(str::to_string),
+            key_id: Some(key.kid().to_string()),
+        };
+        Ok(Signed {
+            bytes: serde_json::to_vec(&bundle)?,
+            warnings,
+            info,
+        })
     }
+}
+
+/// A signed Bundle ready for the outbox.
+#[derive(Debug)]
+pub struct Signed {
+    pub bytes: Vec<u8>,
+    pub warnings: Vec<String>,
+    /// `Bundle.identifier.value` and the signing key id, for MQTT 5 user properties.
+    pub info: BundleInfo,
 }
 
 /// The daemon's mapping workers: until shutdown, turn `Received` records into `Ready` or
@@ -258,16 +310,20 @@ impl Worker {
             .unwrap_or_else(|_| jiff::Timestamp::now());
         let me = self.clone();
         let result = tokio::task::spawn_blocking(move || {
-            me.processor.signed_bytes(&raw, &feed, received_at, &me.key)
+            me.processor.signed(&raw, &feed, received_at, &me.key)
         })
         .await;
         let control_id = &record.meta.control_id;
         match result {
-            Ok(Ok((bytes, warnings))) => {
-                for w in &warnings {
+            Ok(Ok(signed)) => {
+                for w in &signed.warnings {
                     debug!(record = id.0, control_id, warning = %w, "mapping note");
                 }
-                if let Err(e) = self.writer.set_ready(id, bytes).await {
+                if let Err(e) = self
+                    .writer
+                    .set_ready_with(id, signed.bytes, signed.info)
+                    .await
+                {
                     error!(record = id.0, control_id, error = %e, "cannot store the Bundle; it will be retried at the next start");
                 }
             }

@@ -18,9 +18,6 @@ use crate::map::segments;
 
 const MAX_NESTING: usize = 12;
 
-/// A compiled datatype map: the FHIR type it builds and its rules.
-type CompiledDatatype = (&'static str, Arc<Vec<RulePlan>>);
-
 /// What rules are compiled against.
 #[derive(Clone, Copy)]
 struct Scope<'s> {
@@ -41,6 +38,9 @@ struct MsgCtx {
     resources: Vec<String>,
 }
 
+/// A compiled datatype map: its file and rules; `None` when it has errors.
+type CompiledDatatype = Option<(&'static str, Arc<Vec<RulePlan>>)>;
+
 pub(crate) struct Compiler<'a> {
     defs: &'a Defs,
     valuemaps: &'a [ValueMap],
@@ -48,7 +48,7 @@ pub(crate) struct Compiler<'a> {
     site: Option<&'a SiteConfig>,
     diag: &'a mut Diag,
     /// Compiled datatype maps (`None`: it has errors).
-    datatypes: HashMap<String, Option<CompiledDatatype>>,
+    datatypes: HashMap<String, CompiledDatatype>,
     /// Datatype maps being compiled now, to catch a map that uses itself.
     compiling: HashSet<String>,
     keys: HashMap<String, u32>,
@@ -82,7 +82,7 @@ impl<'a> Compiler<'a> {
     }
 
     /// Compiles (once) the datatype map `name`: its FHIR type and rules.
-    pub fn datatype(&mut self, name: &str) -> Option<CompiledDatatype> {
+    pub fn datatype(&mut self, name: &str) -> Option<(&'static str, Arc<Vec<RulePlan>>)> {
         if let Some(done) = self.datatypes.get(name) {
             return done.clone();
         }
@@ -641,7 +641,11 @@ impl<'a> Compiler<'a> {
         })
     }
 
-    fn datatype_by_name(&mut self, file: &str, m: &Spanned<String>) -> Option<CompiledDatatype> {
+    fn datatype_by_name(
+        &mut self,
+        file: &str,
+        m: &Spanned<String>,
+    ) -> Option<(&'static str, Arc<Vec<RulePlan>>)> {
         if !self.defs.datatypes.contains_key(&m.value) {
             let names: Vec<&String> = self.defs.datatypes.keys().collect();
             let hint = suggest(&m.value, &names);
@@ -881,13 +885,13 @@ impl<'a> Compiler<'a> {
                 );
             }
             (
-                Source::Scalar(Box::new(ValueSpec {
+                Source::Scalar(ValueSpec {
                     source,
                     functions,
                     lookup,
                     default,
                     when: None,
-                })),
+                }),
                 convert,
             )
         };
