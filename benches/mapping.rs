@@ -7,6 +7,10 @@
 //!
 //! Run: `cargo bench --bench mapping` (criterion runs on one thread).
 
+/// The daemon's allocator (src/main.rs), so the figures are the daemon's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::sync::Arc;
 

@@ -2,6 +2,10 @@
 //!
 //! `cargo bench --bench pipeline`
 
+/// The daemon's allocator (src/main.rs), so the figures are the daemon's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::sync::Arc;
 

@@ -11,6 +11,11 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
 use hl7_edge::config::Config;
+
+/// mimalloc: see Cargo.toml for why (allocation-heavy per-message work).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use hl7_edge::forward;
 use hl7_edge::ingest::adapter::{self, FeedConfig, Transport};
 use hl7_edge::ingest::serial::SerialSource;

@@ -134,23 +134,6 @@ pub enum ParseError {
         "segment {index} (line {line}) is a second `MSH`: exactly one message per frame is accepted (split batches before parsing)"
     )]
     UnexpectedMsh { index: usize, line: usize },
-    #[error(
-        "hl7-parser rejected the structure near byte {offset} of segment {index} (line {line})"
-    )]
-    Structure {
-        index: usize,
-        line: usize,
-        offset: usize,
-    },
-    #[error(
-        "hl7-parser stopped early: it returned {parsed} of {expected} segments; segment {index} (line {line}) was not (fully) consumed"
-    )]
-    Truncated {
-        parsed: usize,
-        expected: usize,
-        index: usize,
-        line: usize,
-    },
     #[error("MSH-9 (message type) is missing")]
     MissingMessageType,
     #[error("MSH-9 (message type `{code}`) is missing the trigger event (MSH-9.2)")]
@@ -168,9 +151,7 @@ impl ParseError {
             ParseError::Empty
             | ParseError::MissingMsh { .. }
             | ParseError::BadSegmentName { .. }
-            | ParseError::UnexpectedMsh { .. }
-            | ParseError::Structure { .. }
-            | ParseError::Truncated { .. } => ErrorCode::SegmentSequenceError,
+            | ParseError::UnexpectedMsh { .. } => ErrorCode::SegmentSequenceError,
             ParseError::BadFieldSeparator { .. } | ParseError::BadEncodingCharacters { .. } => {
                 ErrorCode::DataTypeError
             }
@@ -194,9 +175,7 @@ impl ParseError {
             ParseError::MissingControlId => "MSH^1^10",
             ParseError::MissingVersion => "MSH^1^12",
             ParseError::UnexpectedMsh { .. } => "MSH^2",
-            ParseError::BadSegmentName { .. }
-            | ParseError::Structure { .. }
-            | ParseError::Truncated { .. } => return None,
+            ParseError::BadSegmentName { .. } => return None,
         };
         Some(loc.to_owned())
     }

@@ -56,7 +56,7 @@ pub struct Header {
 
 /// Reads fields of an MSH line given as raw field strings where `fields[n - 1]` is MSH-n.
 struct MshView<'a> {
-    fields: &'a [String],
+    fields: Vec<&'a str>,
     seps: &'a Separators,
 }
 
@@ -107,7 +107,9 @@ impl Header {
     /// `ACK` may omit the trigger), MSH-10 and MSH-12 must be non-empty.
     pub(crate) fn from_msh(msh: &Segment) -> Result<Header, ParseError> {
         let header = MshView {
-            fields: &msh.fields,
+            fields: (1..=msh.field_count())
+                .filter_map(|n| msh.field_raw(n))
+                .collect(),
             seps: &msh.seps,
         }
         .header();
@@ -183,10 +185,11 @@ pub fn sniff_header(text: &str) -> (Header, Separators) {
         }
     }
     // fields[n - 1] = MSH-n: MSH-1 is the separator, MSH-2 the encoding characters.
-    let mut fields: Vec<String> = vec![field.to_string()];
-    fields.extend(line.split(field).skip(1).map(str::to_owned));
+    let field_text = field.to_string();
+    let mut fields: Vec<&str> = vec![&field_text];
+    fields.extend(line.split(field).skip(1));
     let header = MshView {
-        fields: &fields,
+        fields,
         seps: &seps,
     }
     .header();

@@ -14,26 +14,59 @@ use super::escape::decode_escapes;
 use super::header::Header;
 use super::separators::Separators;
 
-/// One segment: its name and raw fields.
+/// One segment: its line of raw text and where each field lies in it.
+///
+/// One allocation for the text and one for the field bounds, however many fields, repetitions
+/// and components the segment has: repetitions and components are found on demand by splitting
+/// a field's slice, which is cheaper than building a tree the mapping mostly never reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
-    pub(crate) name: String,
-    /// `fields[0]` is HL7 field 1.
-    pub(crate) fields: Vec<String>,
+    /// The whole line, name included (`PID|1||...`), still escaped.
+    line: String,
+    /// Byte range in `line` of each field: `fields[0]` is HL7 field 1.
+    fields: Vec<(usize, usize)>,
     pub(crate) seps: Separators,
 }
 
 impl Segment {
+    /// A non-MSH segment line (`SEG` followed by the field separator, or `SEG` alone).
+    pub(crate) fn split(line: &str, field_sep: char) -> Self {
+        let mut fields = Vec::new();
+        if line.len() > 3 {
+            push_fields(line, 3 + field_sep.len_utf8(), field_sep, &mut fields);
+        }
+        Segment {
+            line: line.to_owned(),
+            fields,
+            seps: Separators::default(),
+        }
+    }
+
+    /// The MSH line: field 1 is the field separator itself, field 2 the encoding characters
+    /// (`msh2_len` bytes, 4 or 5 with the truncation character), then ordinary fields.
+    pub(crate) fn msh(line: &str, field_sep: char, msh2_len: usize) -> Self {
+        let msh2_start = 3 + field_sep.len_utf8();
+        let msh2_end = msh2_start + msh2_len;
+        let mut fields = vec![(3, msh2_start), (msh2_start, msh2_end)];
+        if msh2_end < line.len() {
+            push_fields(line, msh2_end + field_sep.len_utf8(), field_sep, &mut fields);
+        }
+        Segment {
+            line: line.to_owned(),
+            fields,
+            seps: Separators::default(),
+        }
+    }
+
     /// The 3-character segment name (`PID`).
     pub fn name(&self) -> &str {
-        &self.name
+        self.line.get(..3).unwrap_or_default()
     }
 
     /// Raw (escaped) text of HL7 field `n` (1-based). `None` when the segment has fewer fields.
     pub fn field_raw(&self, n: usize) -> Option<&str> {
-        n.checked_sub(1)
-            .and_then(|i| self.fields.get(i))
-            .map(String::as_str)
+        let &(a, b) = self.fields.get(n.checked_sub(1)?)?;
+        self.line.get(a..b)
     }
 
     /// Number of fields present (for MSH, counting MSH-1 and MSH-2).
@@ -43,7 +76,7 @@ impl Segment {
 
     /// Whether field `n` is one that must not be split (MSH-1 and MSH-2 contain delimiters).
     fn is_delimiter_field(&self, n: usize) -> bool {
-        self.name == "MSH" && (n == 1 || n == 2)
+        self.name() == "MSH" && (n == 1 || n == 2)
     }
 
     /// Raw repetitions of field `n`; empty when the field is absent or empty.
@@ -67,6 +100,17 @@ impl Segment {
     ) -> Option<&'a str> {
         component_of(seps, rep_raw, comp, sub)
     }
+}
+
+/// Pushes the byte ranges of the fields of `line[from..]`, separated by `sep`, as absolute
+/// ranges in `line` (at least one field: the text after the last separator, maybe empty).
+fn push_fields(line: &str, from: usize, sep: char, out: &mut Vec<(usize, usize)>) {
+    let mut start = from;
+    for (i, _) in line.get(from..).unwrap_or_default().match_indices(sep) {
+        out.push((start, from + i));
+        start = from + i + sep.len_utf8();
+    }
+    out.push((start, line.len()));
 }
 
 /// Free-function form of [`Segment::component`].
@@ -183,7 +227,7 @@ impl Message {
 
     /// Segments with the given name, in order.
     pub fn segments_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Segment> + 'a {
-        self.segments.iter().filter(move |s| s.name == name)
+        self.segments.iter().filter(move |s| s.name() == name)
     }
 
     /// The validated MSH.
@@ -211,7 +255,7 @@ impl Message {
         let seg = self
             .segments
             .iter()
-            .filter(|s| s.name == p.segment)
+            .filter(|s| s.name() == p.segment)
             .nth(p.occurrence.checked_sub(1)?)?;
         let field = seg.field_raw(p.field)?;
         if seg.is_delimiter_field(p.field) {

@@ -32,47 +32,37 @@
 //! # }
 //! ```
 //!
-//! # Design: hl7-parser behind a module of ours
+//! # Design: our own splitter, hl7-parser as the reference
 //!
-//! The structural parse (message -> segments -> fields) is done by `hl7-parser` 0.3, but no
-//! hl7-parser type leaves this module: callers get an owned [`Message`] holding the raw
-//! (still escaped) text of every field. The wrapper exists because hl7-parser, as measured,
-//! has defects that would either crash the daemon or silently lose clinical data. Each one
-//! and how it is neutralised:
+//! Callers get an owned [`Message`]: each segment's raw (still escaped) line and the byte range
+//! of every field (`parse.rs` explains the steps). The structural split used to be done by
+//! `hl7-parser` 0.3; it is now the test oracle instead (every corpus message must split
+//! identically, `tests.rs`), for two reasons:
 //!
-//! 1. **`display()` panics on an escape after non-ASCII text** (byte/char offset mix-up).
-//!    We never call `display()` or any hl7-parser decoding; [`decode_escapes`] (`escape.rs`)
-//!    is ours and works on char boundaries only.
-//! 2. **Wrong decoding of `\Xhh\`, `\H\`, `\N\`.** Same fix: our decoder turns `\Xhh..\` into
-//!    bytes decoded in the message charset, removes `\H\`/`\N\`, handles `\.br\` & co. and
-//!    keeps unknown or unterminated sequences literally (table in `escape.rs`).
-//! 3. **Silent stop at blank or field-less segments; strict mode truncates `\r\n` input.**
-//!    `parse` splits lines itself (`\r`, `\n`, `\r\n`), drops blank lines, gives field-less
-//!    segments a field separator for hl7-parser, and afterwards verifies that hl7-parser
-//!    returned one segment per line, each spanning the whole line; otherwise it fails with
-//!    [`ParseError::Truncated`] naming the first unconsumed segment and input line.
-//! 4. **MSH fields shift when MSH-2 carries the v2.7 truncation character (`^~\&#`).** `parse`
-//!    reads MSH-1/MSH-2 itself, hides the 5th character from hl7-parser and restores it in
-//!    our MSH-2, so MSH-3.. keep their numbers; [`Separators::truncation`] exposes it.
+//! * **Cost.** Its tree (a vector per field, repetition, component and subcomponent) was 95% of
+//!   parse time and capped parsing at ~16,000 messages/s per core, below the mapping target.
+//! * **Defects** found while wrapping it, each of which would crash the daemon or silently
+//!   lose clinical data, and each guarded against here:
+//!
+//! 1. **`display()` panics on an escape after non-ASCII text** (byte/char offset mix-up), and
+//!    when it does not panic it is silently wrong (`Müller\S\x` -> `Müller\x`,
+//!    `ü\X41\` -> `ü\X4`). [`decode_escapes`] (`escape.rs`) is ours and works on char
+//!    boundaries only.
+//! 2. **Wrong decoding of `\Xhh\`, `\H\`, `\N\`.** Our decoder turns `\Xhh..\` into bytes
+//!    decoded in the message charset, removes `\H\`/`\N\`, handles `\.br\` & co. and keeps
+//!    unknown or unterminated sequences literally (table in `escape.rs`).
+//! 3. **Silent stop at blank or field-less segments; strict mode truncates `\r\n` input.** We
+//!    split lines ourselves and keep field-less segments.
+//! 4. **MSH fields shift when MSH-2 carries the v2.7 truncation character (`^~\&#`).** We read
+//!    MSH-1/MSH-2 ourselves; [`Separators::truncation`] exposes the 5th character.
 //! 5. **UTF-8 only.** [`decode_to_utf8`] runs first (callers do this), reading MSH-18 from the
 //!    raw bytes and transcoding with `encoding_rs` (`charset.rs`).
-//!
-//! Further hl7-parser 0.3 behaviours found while wrapping it (each guarded against here):
-//!
-//! * Escape decoding after non-ASCII text is not only a panic risk (`日本\F\語`, `ééééé\E\`
-//!   panic in `separators.rs`) but also silently wrong when it does not panic
-//!   (`Müller\S\x` -> `Müller\x`, `é\.br\x` -> `é\.bx`, `ü\X41\` -> `ü\X4`).
-//! * Segment names are accepted if they are any three Unicode alphanumerics (`pid`, `ÄÖÜ`);
-//!   we require `[A-Z0-9]{3}`.
-//! * MSH-2 is always read as exactly 4 characters after MSH-1: with 3 (`MSH|^~\|A|B`) the
-//!   field separator becomes the subcomponent separator and `A|B` is one field. We require
-//!   4 or 5 distinct encoding characters.
-//! * A second MSH is parsed as an ordinary segment, so its field numbers are off by one
-//!   (field 1 = encoding characters). We refuse it (one message per frame).
-//! * A BOM or leading whitespace before `MSH` is a parse error; we trim them.
-//! * `MSH|^~\&` with nothing after gets a phantom empty MSH-3 (we drop it).
-//! * Its parse errors quote the next 7 characters of input, i.e. possibly patient data; we
-//!   keep only the offset.
+//! 6. Segment names are accepted if they are any three Unicode alphanumerics (`pid`, `ÄÖÜ`);
+//!    we require `[A-Z0-9]{3}`. MSH-2 is always read as exactly 4 characters: with 3
+//!    (`MSH|^~\|A|B`) the field separator becomes the subcomponent separator; we require 4
+//!    or 5 distinct encoding characters. A second MSH is parsed as an ordinary segment with
+//!    field numbers off by one; we refuse it. `MSH|^~\&` alone gets a phantom empty MSH-3.
+//!    Its parse errors quote the next 7 characters of input (possibly patient data).
 //!
 //! # Errors and privacy
 //!

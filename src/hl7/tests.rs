@@ -309,6 +309,78 @@ fn corpus_no_panics_and_no_silent_truncation() {
     );
 }
 
+/// hl7-parser is the reference for the structural split: on every corpus message both must
+/// agree on every segment name and every field's raw text. (Messages that hit hl7-parser's
+/// known defects, listed in `mod.rs`, are left out: a 5-character MSH-2, field-less segments,
+/// and lines not ended by a lone `\r`.)
+#[test]
+fn split_agrees_with_hl7_parser_on_the_corpus() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus");
+    let Ok(dirs) = std::fs::read_dir(&root) else {
+        eprintln!("corpus not found at {}; skipping", root.display());
+        return;
+    };
+    let mut compared = 0;
+    let mut fields_compared = 0;
+    for d in dirs.flatten() {
+        let Ok(rd) = std::fs::read_dir(d.path().join("messages")) else {
+            continue;
+        };
+        for path in rd.flatten().map(|e| e.path()) {
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok((text, _)) = decode_to_utf8(&bytes, Some(WINDOWS_1252)) else {
+                continue;
+            };
+            let Ok(ours) = parse(&text) else { continue };
+            if ours.separators().truncation.is_some()
+                || ours.segments().iter().any(|s| s.field_count() == 0)
+            {
+                continue;
+            }
+            let lines: Vec<String> = ours
+                .segments()
+                .iter()
+                .map(|s| {
+                    // Rebuilt from our fields: MSH-1 and MSH-2 are written as they are (the
+                    // field separator and the encoding characters), every other field after a
+                    // field separator.
+                    let mut line = s.name().to_owned();
+                    for n in 1..=s.field_count() {
+                        if !(s.name() == "MSH" && n <= 2) {
+                            line.push(ours.separators().field);
+                        }
+                        line.push_str(s.field_raw(n).unwrap_or_default());
+                    }
+                    line
+                })
+                .collect();
+            let joined = lines.join("\r");
+            let Ok(theirs) = hl7_parser::parse_message(&joined) else {
+                panic!("{}: hl7-parser refused what we parsed", path.display());
+            };
+            assert_eq!(
+                theirs.segments.len(),
+                ours.segments().len(),
+                "{}",
+                path.display()
+            );
+            for (t, o) in theirs.segments.iter().zip(ours.segments()) {
+                assert_eq!(t.name, o.name(), "{}", path.display());
+                let theirs_fields: Vec<&str> = t.fields.iter().map(|f| f.raw_value()).collect();
+                let ours_fields: Vec<&str> =
+                    (1..=o.field_count()).filter_map(|n| o.field_raw(n)).collect();
+                assert_eq!(theirs_fields, ours_fields, "{} {}", path.display(), o.name());
+                fields_compared += ours_fields.len();
+            }
+            compared += 1;
+        }
+    }
+    assert!(compared > 100, "only {compared} corpus messages compared");
+    eprintln!("split agrees with hl7-parser: {compared} messages, {fields_compared} fields");
+}
+
 #[test]
 fn corpus_truncation_sample() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
