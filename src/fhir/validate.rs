@@ -3,9 +3,9 @@
 //! Two layers:
 //! 1. **FHIR R4 structure**, with fhir-sdk's R4B model (identical to R4 for every resource we
 //!    emit): types, required elements, coded values of required bindings. fhir-sdk silently
-//!    ignores unknown elements, so the Bundle is also round-tripped through the model and every
-//!    element that did not survive is reported as unknown. The Bundle we send is never the
-//!    round-tripped one: fhir-sdk keeps decimals as f64 and would turn `1.50` into `1.5`.
+//!    ignores unknown elements, so every key is also looked up in the FHIR R4 element catalogue
+//!    that mappings are checked against at load time. (This replaced a round trip through the
+//!    model back to JSON and a tree comparison, which cost more than the deserialisation.)
 //! 2. **London profile rules** that the model cannot express: message Bundle shape, `urn:uuid`
 //!    fullUrls matching resource ids, references that resolve inside the Bundle, NHS numbers that
 //!    pass modulus 11, and date-times with a time that carry an offset.
@@ -36,16 +36,65 @@ pub fn validate(bundle: &Value) -> Result<(), Invalid> {
 fn structural(bundle: &Value, problems: &mut Vec<String>) {
     use fhir_sdk::r4b::resources::Bundle;
     use serde::Deserialize;
-    // Deserialising from `&Value` borrows: no copy of the Bundle.
-    match Bundle::deserialize(bundle) {
-        Err(e) => problems.push(format!("FHIR R4 structure: {e}")),
-        Ok(model) => match serde_json::to_value(&model) {
-            Ok(back) => {
-                let mut path = Path(vec![Seg::Key("Bundle")]);
-                unknown_elements(bundle, &back, &mut path, problems);
-            }
-            Err(e) => problems.push(format!("FHIR R4 structure: cannot re-serialise: {e}")),
-        },
+    // Deserialising from `&Value` borrows: no copy of the Bundle. The model itself is dropped:
+    // the Bundle we send is never a re-serialised one (fhir-sdk keeps decimals as f64, `1.50`
+    // would become `1.5`).
+    if let Err(e) = Bundle::deserialize(bundle) {
+        problems.push(format!("FHIR R4 structure: {e}"));
+    }
+    let mut path = Path(vec![Seg::Key("Bundle")]);
+    unknown_elements(bundle, "Bundle", &mut path, problems);
+}
+
+/// Reports every key of `value` (of FHIR type `type_name`) that is not an element of that type
+/// in the FHIR R4 catalogue (`map/fhir_model`, generated from the R4 JSON schema), recursively.
+/// fhir-sdk skips unknown elements silently, and an element the exchange would drop is data
+/// lost, so this is part of the structural check. Types the catalogue does not know, and
+/// values of the wrong JSON kind, are left to fhir-sdk's deserialisation, which reports them.
+fn unknown_elements<'a>(
+    value: &'a Value,
+    type_name: &str,
+    path: &mut Path<'a>,
+    problems: &mut Vec<String>,
+) {
+    let Value::Object(map) = value else {
+        return;
+    };
+    let type_name = if type_name == "ResourceList" {
+        map.get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    } else {
+        type_name
+    };
+    let Some(def) = crate::map::fhir_model::model().get(type_name) else {
+        return;
+    };
+    for (key, v) in map {
+        if key == "resourceType" && def.kind == crate::map::fhir_model::Kind::Resource {
+            continue;
+        }
+        // `_birthDate` carries the id/extensions of the primitive `birthDate`.
+        let (name, primitive_extension) = match key.strip_prefix('_') {
+            Some(n) => (n, true),
+            None => (key.as_str(), false),
+        };
+        path.0.push(Seg::Key(key));
+        match def.element(name) {
+            None => problems.push(format!("{path} is not an element of FHIR R4")),
+            Some(_) if primitive_extension => {}
+            Some(el) => match v {
+                Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        path.0.push(Seg::Index(i));
+                        unknown_elements(item, el.type_name, path, problems);
+                        path.0.pop();
+                    }
+                }
+                _ => unknown_elements(v, el.type_name, path, problems),
+            },
+        }
+        path.0.pop();
     }
 }
 
@@ -70,35 +119,6 @@ impl std::fmt::Display for Path<'_> {
             }
         }
         Ok(())
-    }
-}
-
-/// Reports keys of `ours` that are missing from `model` (elements the model does not know).
-fn unknown_elements<'a>(
-    ours: &'a Value,
-    model: &Value,
-    path: &mut Path<'a>,
-    problems: &mut Vec<String>,
-) {
-    match (ours, model) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in a {
-                path.0.push(Seg::Key(k));
-                match b.get(k) {
-                    Some(w) => unknown_elements(v, w, path, problems),
-                    None => problems.push(format!("{path} is not an element of FHIR R4")),
-                }
-                path.0.pop();
-            }
-        }
-        (Value::Array(a), Value::Array(b)) => {
-            for (i, (v, w)) in a.iter().zip(b.iter()).enumerate() {
-                path.0.push(Seg::Index(i));
-                unknown_elements(v, w, path, problems);
-                path.0.pop();
-            }
-        }
-        _ => {}
     }
 }
 
