@@ -31,7 +31,7 @@ fn bench(c: &mut Criterion) {
         ..SiteConfig::default()
     };
     let tz = jiff::tz::TimeZone::get(&site.timezone).expect("zone");
-    let feeds = adapter::load(None).expect("embedded feed");
+    let feeds = adapter::load(None, &SiteConfig::default()).expect("embedded feed");
     let feed = &feeds[0];
     let received = jiff::Timestamp::from_second(1_784_000_000).expect("time");
 
@@ -43,6 +43,8 @@ fn bench(c: &mut Criterion) {
             site: &site,
             tz: &tz,
             feed: &feed.name,
+            feed_variables: None,
+            clock_change: Default::default(),
             encoding,
         };
         let mapped = set.map(&msg, &cx, &feed.mappings).expect("map");
@@ -76,6 +78,8 @@ fn bench(c: &mut Criterion) {
         site: &site,
         tz: &tz,
         feed: &feed.name,
+        feed_variables: None,
+        clock_change: Default::default(),
         encoding,
     };
     g.bench_function("stage_charset_parse", |b| {

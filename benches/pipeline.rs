@@ -22,7 +22,7 @@ fn bench(c: &mut Criterion) {
         "/tests/fixtures/adt_a01_uk.hl7"
     ))
     .expect("fixture");
-    let feeds = adapter::load(None).expect("embedded feed");
+    let feeds = adapter::load(None, &SiteConfig::default()).expect("embedded feed");
     let feed = &feeds[0];
     let set = MappingSet::embedded().expect("embedded mappings");
     let p = Processor::new(Arc::new(set), SiteConfig::default(), Default::default())

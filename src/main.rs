@@ -63,6 +63,28 @@ enum Command {
         #[arg(long)]
         explain: bool,
     },
+    /// Map many messages (files, or folders of `*.hl7`) as the daemon would, and report which
+    /// would be forwarded and why the others would be quarantined, with counts per message type.
+    /// For judging a feed from its sample messages before it goes live. Exit 0 unless
+    /// --strict and a message would be quarantined.
+    Survey {
+        /// Files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        mappings: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        site_mappings: Option<PathBuf>,
+        /// The feed whose settings apply (default: the first feed).
+        #[arg(long)]
+        feed: Option<String>,
+        /// Write each valid Bundle as JSON Lines to this file.
+        #[arg(long, value_name = "FILE")]
+        bundles: Option<PathBuf>,
+        /// Exit 1 if any message would be quarantined.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Load configuration, adapters and mappings; list every error found.
     Check {
         #[arg(long, value_name = "DIR")]
@@ -98,6 +120,16 @@ enum Command {
     Outbox {
         #[command(subcommand)]
         cmd: OutboxCmd,
+        /// Print the daemon's JSON answer instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Messages that could not be mapped or whose Bundle failed validation: list them with the
+    /// reason, look at one, and map them again once the mapping is fixed (and the daemon
+    /// reloaded with `kill -HUP`). Works on a running or a stopped daemon, as `outbox` does.
+    Quarantine {
+        #[command(subcommand)]
+        cmd: QuarantineCmd,
         /// Print the daemon's JSON answer instead of text.
         #[arg(long, global = true)]
         json: bool,
@@ -145,6 +177,37 @@ enum OutboxCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum QuarantineCmd {
+    /// Quarantined records with their reasons, in id order.
+    List {
+        #[arg(long)]
+        feed: Option<String>,
+        /// Only ids greater than this (paging).
+        #[arg(long)]
+        after: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One record's metadata and reason (with --payload its raw message: patient data).
+    Show {
+        id: u64,
+        #[arg(long)]
+        payload: bool,
+    },
+    /// Map records again with the mappings in use now; each is then signed and forwarded, or
+    /// quarantined again with its new reason.
+    Retry {
+        /// Record ids.
+        ids: Vec<u64>,
+        /// Every quarantined record (of --feed, if given), oldest first.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[arg(long, requires = "all")]
+        feed: Option<String>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -161,6 +224,21 @@ fn main() -> ExitCode {
             (mappings.as_deref(), site_mappings.as_deref()),
             feed.as_deref(),
             explain,
+        ),
+        Command::Survey {
+            ref paths,
+            ref mappings,
+            ref site_mappings,
+            ref feed,
+            ref bundles,
+            strict,
+        } => cmd_survey(
+            cli.config.as_deref(),
+            paths,
+            (mappings.as_deref(), site_mappings.as_deref()),
+            feed.as_deref(),
+            bundles.as_deref(),
+            strict,
         ),
         Command::Check {
             ref mappings,
@@ -186,6 +264,7 @@ fn main() -> ExitCode {
         Command::Keygen { ref out } => cmd_keygen(cli.config.as_deref(), out.as_deref()),
         Command::Verify { ref file, ref keys } => cmd_verify(cli.config.as_deref(), file, keys),
         Command::Outbox { ref cmd, json } => cmd_outbox(cli.config.as_deref(), cmd, json),
+        Command::Quarantine { ref cmd, json } => cmd_quarantine(cli.config.as_deref(), cmd, json),
     };
     match result {
         Ok(code) => code,
@@ -232,7 +311,7 @@ fn cmd_map(
     explain: bool,
 ) -> Result<ExitCode> {
     let config = Config::load(config)?;
-    let feeds = adapter::load(config.adapters_dir.as_deref())?;
+    let feeds = adapter::load(config.adapters_dir.as_deref(), &config.site)?;
     let feed = pick_feed(&feeds, feed)?;
     let set = load_mappings(&config, mappings)?;
     let processor = Processor::new(Arc::new(set), config.site.clone(), config.profile.clone())
@@ -303,7 +382,7 @@ fn cmd_test_mappings(
     feed: Option<&str>,
 ) -> Result<ExitCode> {
     let config = Config::load(config)?;
-    let feeds = adapter::load(config.adapters_dir.as_deref())?;
+    let feeds = adapter::load(config.adapters_dir.as_deref(), &config.site)?;
     let mut feed = pick_feed(&feeds, feed)?.clone();
     feed.name = map::golden::FEED.to_string();
     let mut sources = mapping_sources(&config, mappings);
@@ -427,7 +506,7 @@ fn cmd_check(
     };
     let default = Config::default();
     let cfg = config.as_ref().unwrap_or(&default);
-    match adapter::load(cfg.adapters_dir.as_deref()) {
+    match adapter::load(cfg.adapters_dir.as_deref(), &cfg.site) {
         Ok(feeds) => println!(
             "feeds: {}",
             feeds
@@ -510,8 +589,77 @@ fn cmd_verify(config: Option<&Path>, file: &Path, key_files: &[PathBuf]) -> Resu
     }
 }
 
+fn cmd_survey(
+    config: Option<&Path>,
+    paths: &[PathBuf],
+    mappings: MappingDirs<'_>,
+    feed: Option<&str>,
+    bundles_out: Option<&Path>,
+    strict: bool,
+) -> Result<ExitCode> {
+    use hl7_edge::pipeline::survey;
+    use std::io::Write;
+    let config = Config::load(config)?;
+    let feeds = adapter::load(config.adapters_dir.as_deref(), &config.site)?;
+    let feed = pick_feed(&feeds, feed)?;
+    let set = load_mappings(&config, mappings)?;
+    let processor = Processor::new(Arc::new(set), config.site.clone(), config.profile.clone())
+        .map_err(anyhow::Error::msg)?;
+    let files = survey::collect(paths).context("cannot list the messages")?;
+    if files.is_empty() {
+        bail!("no *.hl7 files found in the paths given");
+    }
+    let mut out = match bundles_out {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let now = jiff::Timestamp::now();
+    let mut outcomes = Vec::new();
+    for file in &files {
+        let raw = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        for o in survey::survey_file(&processor, feed, file, &raw, now) {
+            let name = match o.index {
+                Some(i) => format!("{}#{i}", o.file.display()),
+                None => o.file.display().to_string(),
+            };
+            match &o.result {
+                Ok(bundle) => {
+                    println!("ok           {name}  {}", o.message_type);
+                    if let Some(w) = out.as_mut() {
+                        writeln!(w, "{bundle}")?;
+                    }
+                }
+                Err(e) => println!("quarantined  {name}  {}  {e}", o.message_type),
+            }
+            outcomes.push(o);
+        }
+    }
+    if let Some(mut w) = out {
+        w.flush()?;
+    }
+    let counts = survey::count(&outcomes);
+    println!(
+        "\n{:<16} {:>6} {:>12}",
+        "message type", "valid", "quarantined"
+    );
+    let (mut ok, mut bad) = (0, 0);
+    for (t, (o, q)) in &counts {
+        println!("{t:<16} {o:>6} {q:>12}");
+        ok += o;
+        bad += q;
+    }
+    println!("{:<16} {ok:>6} {bad:>12}", "total");
+    Ok(if strict && bad > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 fn cmd_outbox(config: Option<&Path>, cmd: &OutboxCmd, json: bool) -> Result<ExitCode> {
-    use hl7_edge::ops::admin::{self, Request};
+    use hl7_edge::ops::admin::Request;
     let config = Config::load(config)?;
     let req = match cmd {
         OutboxCmd::Stats => Request::Stats,
@@ -538,14 +686,7 @@ fn cmd_outbox(config: Option<&Path>, cmd: &OutboxCmd, json: bool) -> Result<Exit
             Request::PurgeDelivered
         }
     };
-    let socket = admin::socket_path(&config.state_dir);
-    let result = match admin::request(&socket, &req) {
-        Ok(Some(v)) => Ok(v),
-        Err(admin::AdminError::Command(e)) => Err(e),
-        Err(e) => return Err(e.into()),
-        Ok(None) => offline_outbox(&config, req)?,
-    };
-    match result {
+    match outbox_request(&config, req)? {
         Ok(v) => {
             print_outbox(cmd, &v, json);
             Ok(ExitCode::SUCCESS)
@@ -555,6 +696,108 @@ fn cmd_outbox(config: Option<&Path>, cmd: &OutboxCmd, json: bool) -> Result<Exit
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// Runs one outbox command on the running daemon (admin socket), else on the stored file.
+/// The outer error is "could not ask"; the inner one is the command's own refusal.
+fn outbox_request(
+    config: &Config,
+    req: hl7_edge::ops::admin::Request,
+) -> Result<std::result::Result<serde_json::Value, String>> {
+    use hl7_edge::ops::admin;
+    let socket = admin::socket_path(&config.state_dir);
+    match admin::request(&socket, &req) {
+        Ok(Some(v)) => Ok(Ok(v)),
+        Err(admin::AdminError::Command(e)) => Ok(Err(e)),
+        Err(e) => Err(e.into()),
+        Ok(None) => offline_outbox(config, req),
+    }
+}
+
+fn cmd_quarantine(config: Option<&Path>, cmd: &QuarantineCmd, json: bool) -> Result<ExitCode> {
+    use hl7_edge::ops::admin::Request;
+    const QUARANTINED: &str = "quarantined";
+    let ids = match cmd {
+        QuarantineCmd::List { feed, after, limit } => {
+            let as_outbox = OutboxCmd::List {
+                state: Some(QUARANTINED.into()),
+                feed: feed.clone(),
+                after: *after,
+                limit: *limit,
+            };
+            return cmd_outbox(config, &as_outbox, json);
+        }
+        QuarantineCmd::Show { id, payload } => {
+            let as_outbox = OutboxCmd::Show {
+                id: *id,
+                payload: *payload,
+            };
+            return cmd_outbox(config, &as_outbox, json);
+        }
+        QuarantineCmd::Retry { ids, all, feed } => {
+            if ids.is_empty() && !all {
+                bail!("say which records to map again: their ids, or --all");
+            }
+            (!*all).then(|| ids.clone()).ok_or_else(|| feed.clone())
+        }
+    };
+    let config = Config::load(config)?;
+    let ids = match ids {
+        Ok(ids) => ids,
+        Err(feed) => {
+            // Every quarantined record, paged by id, collected before any retry so records
+            // that fail again are not retried twice in this run.
+            let mut ids = Vec::new();
+            let mut after = None;
+            loop {
+                let page = outbox_request(
+                    &config,
+                    Request::List {
+                        state: Some(QUARANTINED.into()),
+                        feed: feed.clone(),
+                        after,
+                        limit: 1000,
+                    },
+                )?
+                .map_err(anyhow::Error::msg)?;
+                let got: Vec<u64> = page
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|m| m["id"].as_u64())
+                    .collect();
+                match got.last() {
+                    Some(last) => after = Some(*last),
+                    None => break,
+                }
+                ids.extend(got);
+            }
+            ids
+        }
+    };
+    let mut failed = 0usize;
+    for id in &ids {
+        match outbox_request(&config, Request::Retry { id: *id })? {
+            Ok(v) if json => println!("{v}"),
+            Ok(v) => println!(
+                "#{id} is now {}",
+                v["state"].as_str().unwrap_or("(unknown state)")
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("hl7-edge quarantine: #{id}: {e}");
+            }
+        }
+    }
+    if ids.is_empty() && !json {
+        println!("no quarantined records");
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// No daemon answers on the admin socket: open the database directly (we are then its only
@@ -698,7 +941,7 @@ fn run(config_path: Option<&Path>) -> Result<ExitCode> {
 }
 
 async fn daemon(config: Config) -> Result<()> {
-    let feeds = adapter::load(config.adapters_dir.as_deref())?;
+    let feeds = adapter::load(config.adapters_dir.as_deref(), &config.site)?;
     let mappings = load_mappings(&config, (None, None))?;
     info!(origin = %mappings.origin, "mappings loaded");
     create_state_dir(&config.state_dir)?;

@@ -196,7 +196,7 @@ fn no_message_makes_the_mapping_engine_panic() {
     .unwrap_or_else(|e| panic!("mappings load: {e:?}"));
     let site = SiteConfig::default();
     let processor = Processor::new(Arc::new(set), site, Default::default()).expect("processor");
-    let feeds = adapter::load(None).expect("embedded feed");
+    let feeds = adapter::load(None, &SiteConfig::default()).expect("embedded feed");
     let feed = &feeds[0];
     let rounds: usize = std::env::var("HL7EDGE_FUZZ_ROUNDS")
         .ok()

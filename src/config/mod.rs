@@ -62,8 +62,51 @@ pub struct SiteConfig {
     /// IANA time zone for HL7 timestamps that carry no offset.
     pub timezone: String,
     /// Site variables for mappings: `[site.variables] pas_system = "..."` is `${site.pas_system}`
-    /// in a mapping value.
+    /// in a mapping value. A feed may override any of them in its adapter file (`[variables]`);
+    /// the shipped mappings read the ones in [`BUILTIN_VARIABLES`], which have defaults.
     pub variables: std::collections::BTreeMap<String, String>,
+    /// A local time without offset that the clock change makes ambiguous (the repeated hour in
+    /// October) or impossible (the skipped hour in March): `earlier` (default: the first
+    /// occurrence, BST), `later` (GMT), or `reject` (quarantine the message). Either way the
+    /// resource is tagged and a warning logged. A feed may set its own (`clock_change`).
+    pub clock_change: crate::fhir::time::AmbiguityPolicy,
+}
+
+/// A site variable the shipped mappings read, with its default and its allowed values.
+pub struct BuiltinVariable {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub allowed: &'static [&'static str],
+    pub meaning: &'static str,
+}
+
+/// Site variables the shipped mappings read. Set them in `[site.variables]`, or per feed in the
+/// adapter's `[variables]`; a value outside `allowed` is an error at start.
+pub const BUILTIN_VARIABLES: &[BuiltinVariable] = &[
+    BuiltinVariable {
+        name: "nhs_number_field",
+        default: "PID-3",
+        allowed: &["PID-3", "PID-2", "PID-19"],
+        meaning: "where the feed sends the NHS number: a PID-3 repetition with CX.5 NH/NHS, PID-2 or PID-19",
+    },
+    BuiltinVariable {
+        name: "a04_encounter_status",
+        default: "arrived",
+        allowed: &["arrived", "in-progress"],
+        meaning: "Encounter.status for A04 (register a patient)",
+    },
+];
+
+/// Checks a variable's value against the built-in one of that name (if any).
+pub fn check_variable(name: &str, value: &str) -> Result<(), String> {
+    match BUILTIN_VARIABLES.iter().find(|b| b.name == name) {
+        Some(b) if !b.allowed.contains(&value) => Err(format!(
+            "variable `{name}` = {value:?} is not one of {} ({})",
+            b.allowed.join(", "),
+            b.meaning
+        )),
+        _ => Ok(()),
+    }
 }
 
 impl Default for SiteConfig {
@@ -75,6 +118,7 @@ impl Default for SiteConfig {
             exchange_endpoint: "https://exchange.invalid/fhir/$process-message".into(),
             timezone: "Europe/London".into(),
             variables: Default::default(),
+            clock_change: Default::default(),
         }
     }
 }
@@ -90,6 +134,28 @@ impl SiteConfig {
             self.ods_code,
             self.appliance_id
         )
+    }
+
+    /// The value of site variable `name`: configured, else the built-in default.
+    pub fn variable(&self, name: &str) -> Option<&str> {
+        self.variables.get(name).map(String::as_str).or_else(|| {
+            BUILTIN_VARIABLES
+                .iter()
+                .find(|b| b.name == name)
+                .map(|b| b.default)
+        })
+    }
+
+    /// Every site variable name a mapping may use: configured ones and the built-in ones.
+    pub fn variable_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.variables.keys().map(String::as_str).collect();
+        for b in BUILTIN_VARIABLES {
+            if !self.variables.contains_key(b.name) {
+                names.push(b.name);
+            }
+        }
+        names.sort_unstable();
+        names
     }
 
     /// A local identifier system for `kind` (`mrn`, `visit-number`, `message-id`, ...).
@@ -255,6 +321,11 @@ impl Config {
         }
         if self.site.appliance_id.trim().is_empty() {
             errors.push("site.appliance_id must not be empty".to_string());
+        }
+        for (name, value) in &self.site.variables {
+            if let Err(e) = check_variable(name, value) {
+                errors.push(format!("site.variables: {e}"));
+            }
         }
         if jiff::tz::TimeZone::get(&self.site.timezone).is_err() {
             errors.push(format!(

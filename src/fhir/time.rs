@@ -35,16 +35,28 @@ pub fn default_zone() -> Result<TimeZone, TimeError> {
 
 /// What to do with a local time that the zone makes ambiguous (repeated hour) or nonexistent
 /// (skipped hour).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AmbiguityPolicy {
     /// Repeated hour: take the first occurrence (the summer-time offset). Skipped hour: shift
     /// forward by the gap.
+    #[default]
     Earlier,
     /// Repeated hour: take the second occurrence (the winter-time offset). Skipped hour: shift
     /// forward by the gap.
     Later,
     /// Refuse both with [`TimeError::Ambiguous`] / [`TimeError::Nonexistent`].
     Reject,
+}
+
+impl std::fmt::Display for AmbiguityPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AmbiguityPolicy::Earlier => "earlier",
+            AmbiguityPolicy::Later => "later",
+            AmbiguityPolicy::Reject => "reject",
+        })
+    }
 }
 
 /// Marks a value whose offset was chosen by [`AmbiguityPolicy`] rather than known.
@@ -54,6 +66,32 @@ pub enum TimeFlag {
     Ambiguous,
     /// The local time never occurred; it was shifted forward across the gap.
     Nonexistent,
+}
+
+/// The code system of the `meta.tag` that marks a resource holding a [`TimeFlag`]ged value
+/// (`<site.identifier_base>/CodeSystem/hl7-edge-flag`).
+pub const FLAG_CODE_SYSTEM_PATH: &str = "CodeSystem/hl7-edge-flag";
+
+impl TimeFlag {
+    /// The tag code (`clock-change-ambiguous`, `clock-change-nonexistent`).
+    pub fn code(self) -> &'static str {
+        match self {
+            TimeFlag::Ambiguous => "clock-change-ambiguous",
+            TimeFlag::Nonexistent => "clock-change-nonexistent",
+        }
+    }
+
+    /// The tag display: what happened, without the value.
+    pub fn display(self) -> &'static str {
+        match self {
+            TimeFlag::Ambiguous => {
+                "a local time in the repeated hour of the autumn clock change; the offset was chosen by the site's clock_change policy"
+            }
+            TimeFlag::Nonexistent => {
+                "a local time in the skipped hour of the spring clock change; moved forward across the gap"
+            }
+        }
+    }
 }
 
 /// A FHIR `date`/`dateTime`/`instant` string and whether a daylight-saving guess went into it.

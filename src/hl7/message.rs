@@ -49,7 +49,12 @@ impl Segment {
         let msh2_end = msh2_start + msh2_len;
         let mut fields = vec![(3, msh2_start), (msh2_start, msh2_end)];
         if msh2_end < line.len() {
-            push_fields(line, msh2_end + field_sep.len_utf8(), field_sep, &mut fields);
+            push_fields(
+                line,
+                msh2_end + field_sep.len_utf8(),
+                field_sep,
+                &mut fields,
+            );
         }
         Segment {
             line: line.to_owned(),

@@ -177,7 +177,9 @@ mod tests {
         let m = parse(&format!("{MSH}\rNTE\rPID|\rOBX||a|\rZU1|é|ü|")).unwrap();
         let fields = |i: usize| -> Vec<&str> {
             let s = &m.segments()[i];
-            (1..=s.field_count()).filter_map(|n| s.field_raw(n)).collect()
+            (1..=s.field_count())
+                .filter_map(|n| s.field_raw(n))
+                .collect()
         };
         assert_eq!(fields(1), Vec::<&str>::new());
         assert_eq!(fields(2), [""]);
@@ -185,7 +187,10 @@ mod tests {
         assert_eq!(fields(4), ["é", "ü", ""]);
         assert_eq!(&fields(0)[..4], ["|", "^~\\&", "APP", "FAC"]);
         let bare = parse("MSH|^~\\&#").map(|m| m.segments()[0].field_count());
-        assert!(matches!(bare, Err(ParseError::MissingMessageType)), "{bare:?}");
+        assert!(
+            matches!(bare, Err(ParseError::MissingMessageType)),
+            "{bare:?}"
+        );
         // Another field separator, with the truncation character in MSH-2.
         let m = parse("MSH#^~\\&%#A#B#C#D#T##ADT^A01#1#P#2.5\rPID#1##x").unwrap();
         assert_eq!(m.get_raw("PID-3"), Some("x"));

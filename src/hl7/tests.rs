@@ -369,9 +369,16 @@ fn split_agrees_with_hl7_parser_on_the_corpus() {
             for (t, o) in theirs.segments.iter().zip(ours.segments()) {
                 assert_eq!(t.name, o.name(), "{}", path.display());
                 let theirs_fields: Vec<&str> = t.fields.iter().map(|f| f.raw_value()).collect();
-                let ours_fields: Vec<&str> =
-                    (1..=o.field_count()).filter_map(|n| o.field_raw(n)).collect();
-                assert_eq!(theirs_fields, ours_fields, "{} {}", path.display(), o.name());
+                let ours_fields: Vec<&str> = (1..=o.field_count())
+                    .filter_map(|n| o.field_raw(n))
+                    .collect();
+                assert_eq!(
+                    theirs_fields,
+                    ours_fields,
+                    "{} {}",
+                    path.display(),
+                    o.name()
+                );
                 fields_compared += ours_fields.len();
             }
             compared += 1;

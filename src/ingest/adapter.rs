@@ -4,6 +4,7 @@
 //! and which mappings may apply. The daemon starts one source per feed; the feed's name travels
 //! with every message into the outbox, the MQTT topic and the logs.
 
+use crate::config::SiteConfig;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
@@ -41,6 +42,14 @@ pub struct FeedConfig {
     /// The duplicates window (`[duplicates]`).
     #[serde(default)]
     pub duplicates: DuplicatesConfig,
+    /// Mapping variables for this feed's messages, overriding `[site.variables]` of the same
+    /// name (`nhs_number_field = "PID-19"` for a feed that sends the NHS number there). Names
+    /// must be site variables (configured or built in), so a typo is an error at start.
+    #[serde(default)]
+    pub variables: std::collections::BTreeMap<String, String>,
+    /// This feed's clock-change policy (`earlier`, `later`, `reject`), instead of the site's.
+    #[serde(default)]
+    pub clock_change: Option<crate::fhir::time::AmbiguityPolicy>,
     pub transport: Transport,
 }
 
@@ -114,7 +123,8 @@ impl FeedConfig {
 pub struct AdapterError(pub Vec<String>);
 
 /// Loads every `*.toml` in `dir` (sorted by file name), or the embedded feeds when `dir` is None.
-pub fn load(dir: Option<&Path>) -> Result<Vec<FeedConfig>, AdapterError> {
+/// A feed's `[variables]` must name site variables of `site` (configured or built in).
+pub fn load(dir: Option<&Path>, site: &SiteConfig) -> Result<Vec<FeedConfig>, AdapterError> {
     let mut errors = Vec::new();
     let mut feeds = Vec::new();
     match dir {
@@ -183,6 +193,17 @@ pub fn load(dir: Option<&Path>) -> Result<Vec<FeedConfig>, AdapterError> {
                 }
             }
         }
+        for (name, value) in &f.variables {
+            if site.variable(name).is_none() {
+                errors.push(format!(
+                    "{}: variables: `{name}` is not a site variable; declare it in the configuration's [site.variables] (with the value for other feeds) or use one of: {}",
+                    path.display(),
+                    site.variable_names().join(", ")
+                ));
+            } else if let Err(e) = crate::config::check_variable(name, value) {
+                errors.push(format!("{}: variables: {e}", path.display()));
+            }
+        }
         if let Some(label) = &f.charset_fallback
             && encoding_rs::Encoding::for_label(label.as_bytes()).is_none()
         {
@@ -208,7 +229,7 @@ mod tests {
 
     #[test]
     fn embedded_feed_loads() {
-        let feeds = load(None).expect("embedded feeds are valid");
+        let feeds = load(None, &SiteConfig::default()).expect("embedded feeds are valid");
         assert_eq!(feeds.len(), 1);
         assert_eq!(feeds[0].name, "mllp-default");
         let Transport::Mllp(m) = &feeds[0].transport else {
@@ -230,7 +251,9 @@ mod tests {
             "name = \"b\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:2\"\nmax_frame = 3\n",
         )
         .expect("write");
-        let err = load(Some(dir.path())).expect_err("must fail").to_string();
+        let err = load(Some(dir.path()), &SiteConfig::default())
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("a.toml") && err.contains("Bad Name"), "{err}");
         assert!(err.contains("klingon"), "{err}");
         assert!(err.contains("b.toml") && err.contains("max_frame"), "{err}");
@@ -246,7 +269,7 @@ mod tests {
              start_byte = 0x02\nend_bytes = [0x03]\nframe_timeout_secs = 5\n",
         )
         .expect("write");
-        let feeds = load(Some(dir.path())).expect("valid");
+        let feeds = load(Some(dir.path()), &SiteConfig::default()).expect("valid");
         assert_eq!(feeds[0].ack_after, AckAfter::Mapping);
         assert_eq!(feeds[0].duplicates.mode, DuplicatesMode::Off);
         let Transport::Mllp(m) = &feeds[0].transport else {
@@ -261,21 +284,25 @@ mod tests {
             "name = \"a\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:1\"\nallow = [\"10.0.0.0/33\"]\n",
         )
         .expect("write");
-        let err = load(Some(dir.path())).expect_err("bad cidr").to_string();
+        let err = load(Some(dir.path()), &SiteConfig::default())
+            .expect_err("bad cidr")
+            .to_string();
         assert!(err.contains("10.0.0.0/33"), "{err}");
         std::fs::write(
             dir.path().join("a.toml"),
             "name = \"a\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:1\"\nend_bytes = [1, 2, 3]\n",
         )
         .expect("write");
-        let err = load(Some(dir.path())).expect_err("bad framing").to_string();
+        let err = load(Some(dir.path()), &SiteConfig::default())
+            .expect_err("bad framing")
+            .to_string();
         assert!(err.contains("a.toml") && err.contains("end_bytes"), "{err}");
     }
 
     #[test]
     fn the_documented_serial_examples_load() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/examples");
-        let feeds = load(Some(&dir)).expect("every example is valid");
+        let feeds = load(Some(&dir), &SiteConfig::default()).expect("every example is valid");
         let modes: Vec<_> = feeds
             .iter()
             .filter_map(|f| match &f.transport {
@@ -296,7 +323,7 @@ mod tests {
             "name = \"lab\"\n[transport]\nkind = \"serial\"\ndevice = \"/dev/serial/by-id/usb-x\"\nbaud = 19200\n[transport.framing]\nmode = \"astm\"\n",
         )
         .expect("write");
-        let feeds = load(Some(dir.path())).expect("valid serial feed");
+        let feeds = load(Some(dir.path()), &SiteConfig::default()).expect("valid serial feed");
         let Transport::Serial(s) = &feeds[0].transport else {
             panic!("serial");
         };
@@ -306,7 +333,9 @@ mod tests {
             "name = \"bad\"\n[transport]\nkind = \"serial\"\ndevice = \"/dev/x\"\nbaud = 0\n[transport.framing]\nmode = \"timeout\"\n",
         )
         .expect("write");
-        let err = load(Some(dir.path())).expect_err("baud 0").to_string();
+        let err = load(Some(dir.path()), &SiteConfig::default())
+            .expect_err("baud 0")
+            .to_string();
         assert!(err.contains("bad.toml") && err.contains("baud"), "{err}");
     }
 }

@@ -50,7 +50,21 @@ pub enum MapError {
     #[error("the mapping produced no resources for this message")]
     Empty,
     #[error("mapping defect: {0}")]
-    Run(#[from] RunError),
+    Run(RunError),
+    /// The message holds something the site's policy refuses (a local time in a clock change
+    /// with `clock_change = "reject"`).
+    #[error("refused by policy: {0}")]
+    Refused(RunError),
+}
+
+impl From<RunError> for MapError {
+    fn from(e: RunError) -> Self {
+        if e.defect {
+            MapError::Run(e)
+        } else {
+            MapError::Refused(e)
+        }
+    }
 }
 
 /// Where a set's files come from.

@@ -10,6 +10,7 @@
 //! between two sets and never drops one.
 
 pub mod reload;
+pub mod survey;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -128,12 +129,19 @@ impl Processor {
             site: &self.site,
             tz: &self.tz,
             feed: &feed.name,
+            feed_variables: Some(&feed.variables),
+            clock_change: feed.clock_change.unwrap_or(self.site.clock_change),
             encoding,
         };
         let mut mapped = self
             .mappings()
             .map_explained(&msg, &cx, &feed.mappings, explain)?;
-        let warnings = mapped.warnings.clone();
+        let mut warnings = mapped.warnings.clone();
+        for flag in &mapped.clock_flags {
+            // The rule's position and the flag only: never the time itself.
+            warn!(feed = %feed.name, control_id = %msg.header().control_id, flag = %flag, "local time in a clock change; resolved by policy and tagged");
+            warnings.push(format!("local time in a clock change: {flag}"));
+        }
         let explain = mapped.explain.take();
         let digest = ring::digest::digest(&ring::digest::SHA256, raw);
         let mut raw_sha256 = [0u8; 32];

@@ -1368,9 +1368,9 @@ const BUILTINS: &[&str] = &[
 
 fn check_site_var(var: &Var, site: Option<&SiteConfig>) -> Result<(), String> {
     if let (Var::Site(name), Some(site)) = (var, site)
-        && !site.variables.contains_key(name)
+        && site.variable(name).is_none()
     {
-        let names: Vec<&String> = site.variables.keys().collect();
+        let names = site.variable_names();
         let hint = suggest(name, &names);
         return Err(format!(
             "`${{site.{name}}}` is not set in the configuration (`[site.variables]`){hint}"

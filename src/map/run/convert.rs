@@ -75,7 +75,7 @@ fn hl7_time(t: &str) -> Option<String> {
 
 impl Runner<'_, '_> {
     pub(super) fn convert(&mut self, rule: &RulePlan, text: String) -> Option<Value> {
-        let policy = time::AmbiguityPolicy::Earlier;
+        let policy = self.cx.clock_change;
         let origin = &rule.origin;
         let mut warn = |what: &str| {
             self.warnings
@@ -106,11 +106,23 @@ impl Runner<'_, '_> {
                 match res {
                     Ok(dt) => {
                         if let Some(flag) = dt.flag {
-                            self.warnings.push(format!(
-                                "{origin}: local time falls in a clock change ({flag:?}); resolved to the earlier offset"
+                            self.flags.push(flag);
+                            self.clock_flags.push(format!(
+                                "{origin}: {} (clock_change = {policy})",
+                                flag.code()
                             ));
                         }
                         Some(Value::String(dt.value))
+                    }
+                    Err(e @ (time::TimeError::Ambiguous | time::TimeError::Nonexistent)) => {
+                        if self.refused.is_none() {
+                            self.refused = Some(super::RunError {
+                                origin: origin.to_string(),
+                                message: e.to_string(),
+                                defect: false,
+                            });
+                        }
+                        None
                     }
                     Err(e) => {
                         warn(&format!("not a timestamp ({e})"));

@@ -284,7 +284,13 @@ impl<'m> Runner<'_, 'm> {
                     Var::SiteOds => s.push_str(&self.cx.site.ods_code),
                     Var::ApplianceId => s.push_str(&self.cx.site.appliance_id),
                     Var::IdentifierBase => s.push_str(&self.cx.site.identifier_base),
-                    Var::Site(name) => match self.cx.site.variables.get(name) {
+                    Var::Site(name) => match self
+                        .cx
+                        .feed_variables
+                        .and_then(|f| f.get(name))
+                        .map(String::as_str)
+                        .or_else(|| self.cx.site.variable(name))
+                    {
                         Some(v) => s.push_str(v),
                         None => self.warnings.push(format!(
                             "site variable `{name}` is not configured ([site.variables]); left empty"

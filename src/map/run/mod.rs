@@ -35,6 +35,10 @@ pub struct RunContext<'a> {
     pub site: &'a SiteConfig,
     pub tz: &'a jiff::tz::TimeZone,
     pub feed: &'a str,
+    /// The feed's `[variables]`: they override site variables of the same name.
+    pub feed_variables: Option<&'a std::collections::BTreeMap<String, String>>,
+    /// How local times in a clock change are resolved (the feed's, else the site's policy).
+    pub clock_change: crate::fhir::time::AmbiguityPolicy,
     pub encoding: &'static encoding_rs::Encoding,
 }
 
@@ -54,6 +58,9 @@ pub struct MapResult {
     pub focus: Vec<usize>,
     pub sender: Option<usize>,
     pub warnings: Vec<String>,
+    /// Values whose UTC offset was chosen by the clock-change policy rather than known, as
+    /// `file:line:column: what` (no values): worth a log line at warning level.
+    pub clock_flags: Vec<String>,
     /// With [`Explain::On`]: where every element came from, and what was not read.
     pub explain: Option<Explanation>,
 }
@@ -86,6 +93,8 @@ pub struct Explanation {
 pub struct RunError {
     pub origin: String,
     pub message: String,
+    /// A defect of the mapping (true), or a message the site's policy refuses (false).
+    pub defect: bool,
 }
 
 /// A value with whether it came from the message (not only from constants).
@@ -122,6 +131,11 @@ pub(crate) struct Runner<'a, 'm> {
     trace: Option<Trace>,
     /// `meta.source` of every resource (formatted once per message).
     appliance_uri: String,
+    /// Clock-change flags raised while building the current resource (its `meta.tag`s).
+    flags: Vec<crate::fhir::time::TimeFlag>,
+    clock_flags: Vec<String>,
+    /// A refusal found inside a conversion (clock_change = reject), returned at the end.
+    refused: Option<RunError>,
 }
 
 struct Built {
@@ -149,6 +163,9 @@ pub fn run(
         pending: Vec::new(),
         trace: (explain == Explain::On).then(Trace::default),
         appliance_uri: cx.site.appliance_uri(),
+        flags: Vec::new(),
+        clock_flags: Vec::new(),
+        refused: None,
     };
     let root = Cursor {
         groups: &[],
@@ -228,6 +245,9 @@ pub fn run(
         }
     }
 
+    if let Some(e) = r.refused.take() {
+        return Err(e);
+    }
     let first_of = |i: usize| built.iter().position(|b| b.plan_index == i);
     let focus = mp
         .focus
@@ -242,6 +262,7 @@ pub fn run(
         focus,
         sender,
         warnings: r.warnings,
+        clock_flags: r.clock_flags,
         explain,
     })
 }
@@ -273,6 +294,7 @@ impl<'m> Runner<'_, 'm> {
             return Ok(());
         }
         let mark = self.trace.as_ref().map(|t| t.elements.len());
+        self.flags.clear();
         let mut content = Map::new();
         let mut any = false;
         if let Some(body) = &rp.body {
@@ -306,6 +328,27 @@ impl<'m> Runner<'_, 'm> {
             }
         }
         meta.insert("source".into(), Value::String(self.appliance_uri.clone()));
+        if !self.flags.is_empty() {
+            self.flags.sort_unstable_by_key(|f| f.code());
+            self.flags.dedup();
+            let system = format!(
+                "{}/{}",
+                self.cx.site.identifier_base.trim_end_matches('/'),
+                crate::fhir::time::FLAG_CODE_SYSTEM_PATH
+            );
+            let tags = meta
+                .entry("tag")
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Value::Array(a) = tags {
+                for f in self.flags.drain(..) {
+                    let mut t = Map::new();
+                    t.insert("system".into(), Value::String(system.clone()));
+                    t.insert("code".into(), Value::String(f.code().into()));
+                    t.insert("display".into(), Value::String(f.display().into()));
+                    a.push(Value::Object(t));
+                }
+            }
+        }
         json.insert("meta".into(), Value::Object(meta));
         json.extend(content);
         built.push(Built {

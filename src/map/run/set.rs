@@ -8,6 +8,7 @@ use crate::map::plan::RulePlan;
 
 fn conflict(rule: &RulePlan, what: String) -> RunError {
     RunError {
+        defect: true,
         origin: rule.origin.to_string(),
         message: format!("`set: {}`: {what}", rule.target),
     }

@@ -1,0 +1,288 @@
+//! Issue 6's proof, through the real binary: every golden Bundle and every Bundle made from the
+//! third-party corpus passes an independent FHIR R4 validator (fhir.resources, Python) besides
+//! hl7-edge's own; every corpus message that does not map is quarantined with a specific
+//! reason; and the Europe/London clock-change policy tags, or refuses, what it had to guess.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn hl7_edge(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hl7-edge"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run hl7-edge")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn json_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            json_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "json") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn every_golden_bundle_passes_the_independent_validator() {
+    let mut files = Vec::new();
+    json_files(&root().join("mappings/tests"), &mut files);
+    assert!(
+        files.len() >= 5,
+        "expected the shipped golden tests, found {}",
+        files.len()
+    );
+    let bundles: Vec<serde_json::Value> = files
+        .iter()
+        .map(|f| {
+            serde_json::from_str(&std::fs::read_to_string(f).expect("read golden"))
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        })
+        .collect();
+    common::assert_valid_fhir(&bundles);
+}
+
+/// One line of `hl7-edge survey` output.
+struct Line {
+    ok: bool,
+    name: String,
+    rest: String,
+}
+
+fn survey_lines(out: &str) -> Vec<Line> {
+    out.lines()
+        .filter_map(|l| {
+            let (ok, rest) = if let Some(r) = l.strip_prefix("ok ") {
+                (true, r)
+            } else if let Some(r) = l.strip_prefix("quarantined ") {
+                (false, r)
+            } else {
+                return None;
+            };
+            let rest = rest.trim_start();
+            let (name, rest) = rest.split_once("  ").unwrap_or((rest, ""));
+            Some(Line {
+                ok,
+                name: name.to_string(),
+                rest: rest.trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn the_corpus_maps_to_valid_bundles_or_is_quarantined_with_a_specific_reason() {
+    let corpus = common::corpus_dir().expect("the corpus is in ../shared/corpus beside the clone");
+    let work = tempfile::tempdir().expect("tempdir");
+    let bundles = work.path().join("bundles.jsonl");
+    let dirs = [
+        corpus.join("microsoft-fhir-converter/messages"),
+        corpus.join("python-hl7/messages"),
+        corpus.join("hl7apy/messages"),
+    ];
+    let mut args = vec!["survey".to_string()];
+    args.extend(dirs.iter().map(|d| d.display().to_string()));
+    args.push("--bundles".into());
+    args.push(bundles.display().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = hl7_edge(&args, work.path());
+    let report = text(&out);
+    assert!(out.status.success(), "survey failed:\n{report}");
+
+    let files: usize = dirs
+        .iter()
+        .map(|d| std::fs::read_dir(d).expect("corpus folder").count())
+        .sum();
+    let lines = survey_lines(&report);
+    assert!(
+        lines.len() >= files,
+        "{} outcomes for {files} files:\n{report}",
+        lines.len()
+    );
+    for l in lines.iter().filter(|l| !l.ok) {
+        // `<TYPE>  <reason>`: the reason names what is wrong, not just "failed".
+        let reason = l.rest.split_once("  ").map(|(_, r)| r).unwrap_or("");
+        assert!(
+            reason.len() > 15 && !reason.contains("internal error"),
+            "{}: quarantined without a specific reason: {:?}",
+            l.name,
+            l.rest
+        );
+    }
+    let ok = lines.iter().filter(|l| l.ok).count();
+    // The shipped mappings handle the corpus's ADT and ORU messages that carry what the London
+    // profile needs; a regression in routing or validation shows here.
+    assert!(ok >= 1, "no corpus message mapped:\n{report}");
+
+    let produced: Vec<serde_json::Value> = std::fs::read_to_string(&bundles)
+        .expect("bundles file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("bundle JSON"))
+        .collect();
+    assert_eq!(produced.len(), ok, "one Bundle per valid message");
+    common::assert_valid_fhir(&produced);
+    eprintln!("{report}");
+}
+
+#[test]
+fn broken_fragments_are_quarantined_never_mapped_and_never_crash() {
+    let corpus = common::corpus_dir().expect("the corpus is in ../shared/corpus beside the clone");
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = corpus.join("python-hl7/fragments");
+    let out = hl7_edge(&["survey", &dir.display().to_string()], work.path());
+    let report = text(&out);
+    assert!(out.status.success(), "survey failed:\n{report}");
+    let lines = survey_lines(&report);
+    assert!(!lines.is_empty(), "{report}");
+    for l in &lines {
+        assert!(
+            !l.ok,
+            "{} is a broken fragment but mapped:\n{report}",
+            l.name
+        );
+    }
+}
+
+/// An A01 whose admission time is 01:30 on 25 October 2026, the repeated hour of the autumn
+/// clock change in Europe/London.
+fn clock_change_message() -> Vec<u8> {
+    let text = String::from_utf8(common::fixture("adt_a01_uk.hl7")).expect("UTF-8 fixture");
+    let mut out = Vec::new();
+    for seg in text.split(['\r', '\n']).filter(|s| !s.is_empty()) {
+        let seg = if seg.starts_with("PV1|") {
+            let mut f: Vec<String> = seg.split('|').map(str::to_string).collect();
+            if f.len() <= 44 {
+                f.resize(45, String::new());
+            }
+            f[44] = "202610250130".into();
+            f.join("|")
+        } else {
+            seg.to_string()
+        };
+        out.extend_from_slice(seg.as_bytes());
+        out.push(b'\r');
+    }
+    out
+}
+
+#[test]
+fn a_local_time_in_the_repeated_hour_is_tagged_or_refused_by_policy() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let msg = work.path().join("a01.hl7");
+    std::fs::write(&msg, clock_change_message()).expect("write");
+
+    // Default policy `earlier`: BST (+01:00), and the Encounter says so in a tag.
+    let out = hl7_edge(&["map", &msg.display().to_string()], work.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let bundle: serde_json::Value = serde_json::from_slice(&out.stdout).expect("Bundle JSON");
+    let encounter = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| &e["resource"])
+        .find(|r| r["resourceType"] == "Encounter")
+        .expect("an Encounter");
+    assert_eq!(encounter["period"]["start"], "2026-10-25T01:30:00+01:00");
+    let tags = encounter["meta"]["tag"].as_array().expect("meta.tag");
+    assert!(
+        tags.iter().any(|t| t["code"] == "clock-change-ambiguous"
+            && t["system"]
+                .as_str()
+                .is_some_and(|s| s.ends_with("/CodeSystem/hl7-edge-flag"))),
+        "{tags:?}"
+    );
+
+    // `later`: GMT (+00:00).
+    let conf = work.path().join("later.toml");
+    std::fs::write(&conf, "[site]\nclock_change = \"later\"\n").expect("write");
+    let out = hl7_edge(
+        &[
+            "--config",
+            &conf.display().to_string(),
+            "map",
+            &msg.display().to_string(),
+        ],
+        work.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let later = String::from_utf8_lossy(&out.stdout);
+    assert!(later.contains("2026-10-25T01:30:00+00:00"), "{later}");
+
+    // `reject`: the message would be quarantined, with a reason that names the rule, not the time.
+    let conf = work.path().join("reject.toml");
+    std::fs::write(&conf, "[site]\nclock_change = \"reject\"\n").expect("write");
+    let out = hl7_edge(
+        &[
+            "--config",
+            &conf.display().to_string(),
+            "map",
+            &msg.display().to_string(),
+        ],
+        work.path(),
+    );
+    let err = text(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("refused by policy"), "{err}");
+    assert!(
+        err.contains("adt.yaml:"),
+        "the reason names the rule: {err}"
+    );
+    assert!(!err.contains("202610250130"), "no values in reasons: {err}");
+}
+
+#[test]
+fn a_feed_variable_that_is_not_a_site_variable_is_an_error_at_start() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let adapters = work.path().join("adapters");
+    std::fs::create_dir(&adapters).expect("mkdir");
+    std::fs::write(
+        adapters.join("pas.toml"),
+        "name = \"pas\"\n[variables]\nnhs_numbr_field = \"PID-19\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:0\"\n",
+    )
+    .expect("write");
+    let conf = work.path().join("config.toml");
+    std::fs::write(
+        &conf,
+        format!("adapters_dir = \"{}\"\n", adapters.display()),
+    )
+    .expect("write");
+    let out = hl7_edge(
+        &["--config", &conf.display().to_string(), "check"],
+        work.path(),
+    );
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("nhs_numbr_field"), "{t}");
+    assert!(t.contains("nhs_number_field"), "lists the real names: {t}");
+
+    // A known variable with a value outside its allowed set is an error too.
+    std::fs::write(
+        adapters.join("pas.toml"),
+        "name = \"pas\"\n[variables]\nnhs_number_field = \"PID-4\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:0\"\n",
+    )
+    .expect("write");
+    let out = hl7_edge(
+        &["--config", &conf.display().to_string(), "check"],
+        work.path(),
+    );
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("PID-19"), "names the allowed values: {t}");
+}
