@@ -396,20 +396,48 @@ fn cmd_test_mappings(
     }
     // Harness mappings that only the tests use live in the tests folder.
     sources.extra.push(&tests);
-    let set = load_sources(&config, &sources)?;
-    let site_file = tests.join("site.toml");
-    let site = if site_file.exists() {
-        figment::Figment::from(figment::providers::Serialized::defaults(
+    // The golden site: the tests root's `site.toml`, with a sub-folder's `site.toml` merged over it
+    // for the cases below that folder. The set is checked against the root site (its
+    // `[variables]` are what `${site.NAME}` in the mappings is checked against), not the
+    // appliance's configuration: golden results must not depend on the machine's config.
+    let golden_site = |files: &[PathBuf]| -> Result<hl7_edge::config::SiteConfig> {
+        let mut fig = figment::Figment::from(figment::providers::Serialized::defaults(
             hl7_edge::config::SiteConfig::default(),
-        ))
-        .merge(<figment::providers::Toml as figment::providers::Format>::file(&site_file))
-        .extract::<hl7_edge::config::SiteConfig>()
-        .with_context(|| format!("{}", site_file.display()))?
-    } else {
-        hl7_edge::config::SiteConfig::default()
+        ));
+        for f in files {
+            fig = fig.merge(<figment::providers::Toml as figment::providers::Format>::file(f));
+        }
+        fig.extract::<hl7_edge::config::SiteConfig>().with_context(|| {
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
     };
-    let processor =
-        Processor::new(Arc::new(set), site, config.profile.clone()).map_err(anyhow::Error::msg)?;
+    let root_site_file: Vec<PathBuf> = Some(tests.join("site.toml"))
+        .filter(|f| f.is_file())
+        .into_iter()
+        .collect();
+    let root_site = if root_site_file.is_empty() {
+        config.site.clone()
+    } else {
+        golden_site(&root_site_file)?
+    };
+    let set = Arc::new(
+        MappingSet::load_sources(&sources, Some(&root_site)).map_err(|errs| {
+            anyhow::anyhow!(
+                "{} mapping error(s):\n{}",
+                errs.len(),
+                errs.iter()
+                    .map(|e| format!("  {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })?,
+    );
+    let mut processors: std::collections::HashMap<Vec<PathBuf>, Processor> =
+        std::collections::HashMap::new();
     let received: jiff::Timestamp = map::golden::RECEIVED_AT
         .parse()
         .context("golden received time")?;
@@ -422,6 +450,18 @@ fn cmd_test_mappings(
     for case in &cases {
         let name = case.input.display();
         let raw = std::fs::read(&case.input).with_context(|| format!("cannot read {name}"))?;
+        let site_files = map::golden::site_files(&tests, &case.input);
+        if !processors.contains_key(&site_files) {
+            let site = if site_files.is_empty() {
+                config.site.clone()
+            } else {
+                golden_site(&site_files)?
+            };
+            let p = Processor::new(set.clone(), site, config.profile.clone())
+                .map_err(anyhow::Error::msg)?;
+            processors.insert(site_files.clone(), p);
+        }
+        let processor = &processors[&site_files];
         // Golden tests check the mapping and FHIR R4 validity; the London overlay's minimums are
         // a site policy (see `[profile]`), checked by `map` and the daemon.
         let built = processor

@@ -100,8 +100,8 @@ fn map_is_deterministic() {
     let b = ids(hl7_edge(&["map", fx.to_str().expect("path")], dir.path()));
     assert_eq!(
         a.len(),
-        7,
-        "MessageHeader, Organization, Patient, Practitioner, Location, Encounter, Provenance: {a:?}"
+        9,
+        "MessageHeader, Organization, Patient, GP Organization and Practitioner (PD1), Practitioner, Location, Encounter, Provenance: {a:?}"
     );
     assert_eq!(a, b);
 }

@@ -77,13 +77,22 @@ pub fn check(bundle: &Value, cfg: &ProfileConfig) -> Vec<String> {
         let rtype = r.get("resourceType").and_then(Value::as_str).unwrap_or("");
         let at = format!("Bundle.entry[{i}].resource({rtype})");
         if cfg.uk_core_profiles && PROFILED.contains(&rtype) {
-            let want = format!("{UK_CORE}{}", profile_suffix(rtype));
+            let wanted: Vec<String> = profile_suffixes(rtype)
+                .iter()
+                .map(|s| format!("{UK_CORE}{s}"))
+                .collect();
             let has = r
                 .pointer("/meta/profile")
                 .and_then(Value::as_array)
-                .is_some_and(|p| p.iter().any(|p| p.as_str() == Some(want.as_str())));
+                .is_some_and(|p| {
+                    p.iter()
+                        .any(|p| wanted.iter().any(|w| p.as_str() == Some(w.as_str())))
+                });
             if !has {
-                misses.push(format!("{at}.meta.profile must include {want}"));
+                misses.push(format!(
+                    "{at}.meta.profile must include {}",
+                    wanted.join(" or ")
+                ));
             }
         }
         match rtype {
@@ -103,12 +112,26 @@ pub fn check(bundle: &Value, cfg: &ProfileConfig) -> Vec<String> {
     misses
 }
 
-fn profile_suffix(rtype: &str) -> &str {
+/// The UK Core profiles a resource type may declare (any one of them will do).
+fn profile_suffixes(rtype: &str) -> Vec<&str> {
     match rtype {
-        "DiagnosticReport" => "DiagnosticReport-Lab",
-        "Observation" => "Observation-Lab",
-        other => other,
+        "DiagnosticReport" => vec!["DiagnosticReport-Lab"],
+        // A lab result (ORU) is UKCore-Observation-Lab; an observation sent with an ADT event
+        // (height, weight, an admission question) is a plain UKCore-Observation.
+        "Observation" => vec!["Observation-Lab", "Observation"],
+        other => vec![other],
     }
+}
+
+/// A Patient record retired by a merge (A34/A40): `active` false and a `replaced-by` link. It
+/// carries only what MRG says about the old record (its identifiers), not the person's
+/// demographics or a verification status of the old number.
+fn retired(r: &Value) -> bool {
+    r.get("active").and_then(Value::as_bool) == Some(false)
+        && r.get("link").and_then(Value::as_array).is_some_and(|l| {
+            l.iter()
+                .any(|l| l.get("type").and_then(Value::as_str) == Some("replaced-by"))
+        })
 }
 
 fn identifiers(r: &Value) -> impl Iterator<Item = &Value> {
@@ -119,6 +142,24 @@ fn identifiers(r: &Value) -> impl Iterator<Item = &Value> {
 }
 
 fn patient(r: &Value, at: &str, cfg: &ProfileConfig, misses: &mut Vec<String>) {
+    if retired(r) {
+        // The minimums are about the live record; a retired one must only say which record it was.
+        let named = identifiers(r).any(|i| {
+            i.get("system").and_then(Value::as_str) == Some(NHS_SYSTEM)
+                || i.pointer("/type/coding")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c.get("code").and_then(Value::as_str) == Some("MR"))
+                    })
+        });
+        if (cfg.patient_nhs_number || cfg.patient_mrn) && !named {
+            misses.push(format!(
+                "{at}.identifier: a retired (merged) Patient needs its NHS number or MRN (MRG)"
+            ));
+        }
+        return;
+    }
     if cfg.patient_nhs_number {
         let nhs =
             identifiers(r).find(|i| i.get("system").and_then(Value::as_str) == Some(NHS_SYSTEM));
@@ -260,6 +301,36 @@ mod tests {
             ..ProfileConfig::default()
         };
         assert!(check(&bundle(p), &relaxed).is_empty());
+    }
+
+    #[test]
+    fn a_retired_merge_record_needs_only_an_identifier() {
+        let retired = json!({
+            "resourceType": "Patient",
+            "meta": { "profile": ["https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient"] },
+            "identifier": [ { "system": NHS_SYSTEM, "value": "9449305552" } ],
+            "active": false,
+            "link": [ { "other": { "reference": "urn:uuid:x" }, "type": "replaced-by" } ]
+        });
+        assert!(check(&bundle(retired.clone()), &ProfileConfig::default()).is_empty());
+        let mut anonymous = retired.clone();
+        anonymous["identifier"] = json!([]);
+        let misses = check(&bundle(anonymous), &ProfileConfig::default());
+        assert_eq!(misses.len(), 1, "{misses:?}");
+        // Inactive without a replaced-by link is not a merge: every minimum applies.
+        let mut inactive = retired;
+        inactive.as_object_mut().expect("object").remove("link");
+        assert!(check(&bundle(inactive), &ProfileConfig::default()).len() > 1);
+    }
+
+    #[test]
+    fn an_observation_may_be_lab_or_plain_uk_core() {
+        for p in ["Observation-Lab", "Observation"] {
+            let o = json!({ "resourceType": "Observation", "meta": { "profile": [format!("{UK_CORE}{p}")] } });
+            assert!(check(&bundle(o), &ProfileConfig::default()).is_empty(), "{p}");
+        }
+        let o = json!({ "resourceType": "Observation", "meta": { "profile": [format!("{UK_CORE}Condition")] } });
+        assert_eq!(check(&bundle(o), &ProfileConfig::default()).len(), 1);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! mapped and compared with the `*.json` beside it.
 //!
 //! What makes the comparison deterministic: the caller maps with a fixed received time
-//! ([`RECEIVED_AT`], which lands in `Provenance.recorded`), a fixed site (the folder's `site.toml`)
+//! ([`RECEIVED_AT`], which lands in `Provenance.recorded`), a fixed site (the `site.toml` files
+//! from the tests root down to the case's folder, see [`site_files`])
 //! and a fixed feed name ([`FEED`]); [`normalise`] replaces the software version in
 //! `MessageHeader.source.version`, so a release does not invalidate every expectation.
 //!
@@ -46,6 +47,22 @@ fn walk(dir: &Path, out: &mut Vec<Case>) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `site.toml` files that apply to a case, outermost first: the tests root's, then that of
+/// each folder on the way down to the case's own. A folder's file is merged over its parents', so
+/// `tests/adt-pid19/site.toml` need only hold what differs (`[variables] nhs_number_field = ...`).
+pub fn site_files(root: &Path, case: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<&Path> = case
+        .ancestors()
+        .skip(1)
+        .take_while(|d| d.starts_with(root))
+        .collect();
+    dirs.reverse();
+    dirs.into_iter()
+        .map(|d| d.join("site.toml"))
+        .filter(|f| f.is_file())
+        .collect()
 }
 
 /// Removes what legitimately changes between runs of the same mapping.
@@ -140,6 +157,25 @@ pub fn diff(expected: &str, actual: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn site_files_run_from_the_tests_root_down_to_the_case() {
+        let root = tempfile::tempdir().expect("tmp");
+        let r = root.path();
+        std::fs::create_dir_all(r.join("adt-pid19/deeper")).expect("mkdir");
+        std::fs::create_dir_all(r.join("oru")).expect("mkdir");
+        std::fs::write(r.join("site.toml"), "").expect("write");
+        std::fs::write(r.join("adt-pid19/site.toml"), "").expect("write");
+        assert_eq!(
+            site_files(r, &r.join("adt-pid19/deeper/x.hl7")),
+            vec![r.join("site.toml"), r.join("adt-pid19/site.toml")]
+        );
+        assert_eq!(site_files(r, &r.join("oru/x.hl7")), vec![r.join("site.toml")]);
+        assert_eq!(site_files(r, &r.join("x.hl7")), vec![r.join("site.toml")]);
+        // Nothing above the tests root applies.
+        std::fs::remove_file(r.join("site.toml")).expect("rm");
+        assert!(site_files(r, &r.join("oru/x.hl7")).is_empty());
+    }
 
     #[test]
     fn diff_shows_changed_lines_with_context() {
