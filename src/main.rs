@@ -407,13 +407,14 @@ fn cmd_test_mappings(
         for f in files {
             fig = fig.merge(<figment::providers::Toml as figment::providers::Format>::file(f));
         }
-        fig.extract::<hl7_edge::config::SiteConfig>().with_context(|| {
-            files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
+        fig.extract::<hl7_edge::config::SiteConfig>()
+            .with_context(|| {
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
     };
     let root_site_file: Vec<PathBuf> = Some(tests.join("site.toml"))
         .filter(|f| f.is_file())

@@ -121,7 +121,10 @@ fn count_adt_goldens_with(dir: &Path, needle: &str) -> usize {
     let mut n = 0;
     for e in std::fs::read_dir(dir).expect("read tests").flatten() {
         let p = e.path();
-        if p.is_dir() && p.file_name().is_some_and(|f| f.to_string_lossy().starts_with("adt")) {
+        if p.is_dir()
+            && p.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("adt"))
+        {
             for f in std::fs::read_dir(&p).expect("read").flatten() {
                 let f = f.path();
                 if f.extension().is_some_and(|x| x == "json")

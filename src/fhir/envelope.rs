@@ -28,6 +28,31 @@ pub fn instant(ts: jiff::Timestamp, tz: &jiff::tz::TimeZone) -> String {
     zoned.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()
 }
 
+/// The Provenance's description of the original message: type, control id, and the segments
+/// no mapping rule read (names and counts only), so content the Bundle does not carry is
+/// visible at the exchange rather than dropped silently.
+fn source_display(h: &Header, unmapped: &[(String, usize)]) -> String {
+    let mut s = format!(
+        "HL7 v2 {}^{} message, control id {}",
+        h.message_type.code, h.message_type.trigger, h.control_id
+    );
+    if !unmapped.is_empty() {
+        s.push_str("; segments not mapped: ");
+        let list: Vec<String> = unmapped
+            .iter()
+            .map(|(n, c)| {
+                if *c > 1 {
+                    format!("{n} x{c}")
+                } else {
+                    n.clone()
+                }
+            })
+            .collect();
+        s.push_str(&list.join(", "));
+    }
+    s
+}
+
 /// Builds the unsigned Bundle.
 pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
     let h = input.header;
@@ -114,7 +139,7 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
             "role": "source",
             "what": {
                 "identifier": { "system": "urn:ietf:rfc:3986", "value": format!("ni:///sha-256;{digest}") },
-                "display": format!("HL7 v2 {}^{} message, control id {}", h.message_type.code, h.message_type.trigger, h.control_id)
+                "display": source_display(h, &mapped.unmapped_segments)
             }
         }]
     });

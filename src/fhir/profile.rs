@@ -327,7 +327,10 @@ mod tests {
     fn an_observation_may_be_lab_or_plain_uk_core() {
         for p in ["Observation-Lab", "Observation"] {
             let o = json!({ "resourceType": "Observation", "meta": { "profile": [format!("{UK_CORE}{p}")] } });
-            assert!(check(&bundle(o), &ProfileConfig::default()).is_empty(), "{p}");
+            assert!(
+                check(&bundle(o), &ProfileConfig::default()).is_empty(),
+                "{p}"
+            );
         }
         let o = json!({ "resourceType": "Observation", "meta": { "profile": [format!("{UK_CORE}Condition")] } });
         assert_eq!(check(&bundle(o), &ProfileConfig::default()).len(), 1);

@@ -170,7 +170,10 @@ mod tests {
             site_files(r, &r.join("adt-pid19/deeper/x.hl7")),
             vec![r.join("site.toml"), r.join("adt-pid19/site.toml")]
         );
-        assert_eq!(site_files(r, &r.join("oru/x.hl7")), vec![r.join("site.toml")]);
+        assert_eq!(
+            site_files(r, &r.join("oru/x.hl7")),
+            vec![r.join("site.toml")]
+        );
         assert_eq!(site_files(r, &r.join("x.hl7")), vec![r.join("site.toml")]);
         // Nothing above the tests root applies.
         std::fs::remove_file(r.join("site.toml")).expect("rm");

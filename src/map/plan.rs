@@ -29,6 +29,9 @@ pub struct MessagePlan {
     pub resources: Vec<ResourcePlan>,
     /// Variable slots needed (message and resource variables).
     pub var_slots: usize,
+    /// Names of the segments some path of this mapping reads (sorted): a message's other
+    /// segments are reported as not mapped.
+    pub read_segments: Vec<String>,
     /// `file:line:column` of the mapping, for `--explain`.
     pub origin: Arc<str>,
 }

@@ -36,6 +36,9 @@ struct MsgCtx {
     groups: Vec<GroupPlan>,
     group_names: HashMap<String, usize>,
     resources: Vec<String>,
+    /// Segments some path of this mapping reads (for reporting what a message held that no
+    /// rule could read).
+    read_segments: HashSet<String>,
 }
 
 /// A compiled datatype map: its file and rules; `None` when it has errors.
@@ -262,7 +265,15 @@ impl<'a> Compiler<'a> {
             .first()
             .map(|s| origin(file, s))
             .unwrap_or_else(|| Arc::from(file));
+        // MSH is read by the envelope whatever the mapping says.
+        let mut read_segments: Vec<String> = std::mem::take(&mut self.msg.read_segments)
+            .into_iter()
+            .chain(std::iter::once("MSH".to_string()))
+            .collect();
+        read_segments.sort_unstable();
+        read_segments.dedup();
         Some(MessagePlan {
+            read_segments,
             name: name.to_string(),
             matches,
             versions,
@@ -1128,6 +1139,9 @@ impl<'a> Compiler<'a> {
                 None
             }
             Ok(p) => {
+                if let Hl7Path::Absolute { segment, .. } = &p {
+                    self.msg.read_segments.insert(segment.clone());
+                }
                 if let Hl7Path::Absolute {
                     segment,
                     field: Some(f),
@@ -1319,6 +1333,7 @@ impl<'a> Compiler<'a> {
         in_rep: bool,
     ) -> Option<Template> {
         let site = self.site;
+        let read_segments = &mut self.msg.read_segments;
         let res = parse_template(&v.value, |name| {
             if let Some(var) = Var::parse(name) {
                 check_site_var(&var, site)?;
@@ -1333,6 +1348,9 @@ impl<'a> Compiler<'a> {
                     return Err(format!(
                         "`${{{name}}}` is relative but this rule is not inside a repetition"
                     ));
+                }
+                if let Hl7Path::Absolute { segment, .. } = &p {
+                    read_segments.insert(segment.clone());
                 }
                 return Ok(TplPart::Path(p));
             }

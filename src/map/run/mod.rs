@@ -61,6 +61,9 @@ pub struct MapResult {
     /// Values whose UTC offset was chosen by the clock-change policy rather than known, as
     /// `file:line:column: what` (no values): worth a log line at warning level.
     pub clock_flags: Vec<String>,
+    /// Segments of the message that no path of the mapping reads, with how many there were
+    /// (names only): reported in the Provenance, never silently dropped.
+    pub unmapped_segments: Vec<(String, usize)>,
     /// With [`Explain::On`]: where every element came from, and what was not read.
     pub explain: Option<Explanation>,
 }
@@ -263,8 +266,29 @@ pub fn run(
         sender,
         warnings: r.warnings,
         clock_flags: r.clock_flags,
+        unmapped_segments: unmapped_segments(mp, msg),
         explain,
     })
+}
+
+/// Segment names of `msg` that `mp` never reads, in order of first appearance, with counts.
+fn unmapped_segments(mp: &MessagePlan, msg: &Message) -> Vec<(String, usize)> {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for seg in msg.segments() {
+        let name = seg.name();
+        if mp
+            .read_segments
+            .binary_search_by(|s| s.as_str().cmp(name))
+            .is_ok()
+        {
+            continue;
+        }
+        match out.iter_mut().find(|(n, _)| n == name) {
+            Some((_, c)) => *c += 1,
+            None => out.push((name.to_string(), 1)),
+        }
+    }
+    out
 }
 
 /// A unique id for repetition `idx` of a field of segment `seg`.
