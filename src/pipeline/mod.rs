@@ -11,6 +11,7 @@
 
 pub mod reload;
 pub mod survey;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -239,7 +240,16 @@ pub async fn run_mapper(
         .map(|n| n.get())
         .unwrap_or(2);
     let mut running: JoinSet<()> = JoinSet::new();
+    let pool = match workers::CpuPool::new(parallel, workers::MAPPER_NICE) {
+        Ok(p) => p,
+        Err(e) => {
+            // Nothing is lost: every record stays `Received` and is mapped at the next start.
+            error!(error = %e, "cannot start the mapping threads; messages are stored but not mapped");
+            return;
+        }
+    };
     let ctx = Arc::new(Worker {
+        pool,
         processor,
         key,
         feeds,
@@ -285,6 +295,7 @@ pub async fn run_mapper(
 }
 
 struct Worker {
+    pool: workers::CpuPool,
     processor: Arc<Processor>,
     key: Arc<SigningKey>,
     feeds: HashMap<String, Arc<FeedConfig>>,
@@ -317,10 +328,10 @@ impl Worker {
         let received_at = jiff::Timestamp::from_millisecond(record.meta.received_at_ms as i64)
             .unwrap_or_else(|_| jiff::Timestamp::now());
         let me = self.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            me.processor.signed(&raw, &feed, received_at, &me.key)
-        })
-        .await;
+        let result = self
+            .pool
+            .run(move || me.processor.signed(&raw, &feed, received_at, &me.key))
+            .await;
         let control_id = &record.meta.control_id;
         match result {
             Ok(Ok(signed)) => {
@@ -341,10 +352,10 @@ impl Worker {
                     error!(record = id.0, error = %e, "cannot record the quarantine");
                 }
             }
-            Err(join) => {
-                // A panic in mapping is a defect; the record stays `Received` for the next start,
-                // and the quarantine keeps it from looping now.
-                error!(record = id.0, control_id, error = %join, "mapping task failed");
+            Err(failed) => {
+                // A panic in mapping is a defect; the quarantine keeps it from looping, and
+                // `hl7-edge quarantine retry` maps it again once the defect is fixed.
+                error!(record = id.0, control_id, error = %failed, "mapping task failed");
                 let _ = self
                     .writer
                     .quarantine(
