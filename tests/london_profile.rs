@@ -321,3 +321,32 @@ fn a_feed_variable_that_is_not_a_site_variable_is_an_error_at_start() {
     assert!(!out.status.success(), "{t}");
     assert!(t.contains("PID-19"), "names the allowed values: {t}");
 }
+
+/// The ORU mapping carries its own copy of the Patient's identifier rules (the mapping language
+/// cannot share a resource between message mappings); this keeps the copy from drifting away
+/// from the ADT original, so a lab result and an admission name the same Patient.
+#[test]
+fn the_oru_patient_identifier_rules_are_the_adt_ones() {
+    let rules = |file: &str| -> String {
+        let text = std::fs::read_to_string(root().join(file)).expect("mapping");
+        let patient = text
+            .find("      - name: patient\n")
+            .expect("a patient resource");
+        let from = patient
+            + text[patient..]
+                .find("          - id: nhs-number\n")
+                .expect("the NHS number rule");
+        let to = from
+            + text[from..]
+                .find("          - { id: name,")
+                .expect("the name rule after the identifiers");
+        text[from..to].to_string()
+    };
+    let adt = rules("mappings/messages/adt.yaml");
+    let oru = rules("mappings/messages/oru.yaml");
+    assert!(adt.contains("nhs_field"), "{adt}");
+    assert_eq!(
+        adt, oru,
+        "copy the identifier rules of messages/adt.yaml's patient into messages/oru.yaml"
+    );
+}

@@ -39,11 +39,34 @@ fn structural(bundle: &Value, problems: &mut Vec<String>) {
     // Deserialising from `&Value` borrows: no copy of the Bundle. The model itself is dropped:
     // the Bundle we send is never a re-serialised one (fhir-sdk keeps decimals as f64, `1.50`
     // would become `1.5`).
-    if let Err(e) = Bundle::deserialize(bundle) {
-        problems.push(format!("FHIR R4 structure: {e}"));
+    if Bundle::deserialize(bundle).is_err() {
+        // With serde_json's `arbitrary_precision` (which keeps `4.20` as sent), a decimal that
+        // an f64 does not print back identically reaches serde's buffered paths (fhir-sdk's
+        // choice and primitive-extension elements) as a map, not a number, and fails there.
+        // So before reporting, check again with every number as its f64: the types are what
+        // this check is about, and only a failing Bundle pays for the copy.
+        let mut plain = bundle.clone();
+        numbers_as_f64(&mut plain);
+        if let Err(e) = Bundle::deserialize(&plain) {
+            problems.push(format!("FHIR R4 structure: {e}"));
+        }
     }
     let mut path = Path(vec![Seg::Key("Bundle")]);
     unknown_elements(bundle, "Bundle", &mut path, problems);
+}
+
+/// Replaces every non-integer number with the f64 nearest to it (see [`structural`]).
+fn numbers_as_f64(v: &mut Value) {
+    match v {
+        Value::Number(n) if !(n.is_i64() || n.is_u64()) => {
+            if let Some(f) = n.as_f64().and_then(serde_json::Number::from_f64) {
+                *n = f;
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(numbers_as_f64),
+        Value::Object(m) => m.values_mut().for_each(numbers_as_f64),
+        _ => {}
+    }
 }
 
 /// Reports every key of `value` (of FHIR type `type_name`) that is not an element of that type
@@ -281,6 +304,21 @@ mod tests {
             "identifier": [ { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9449305552" } ],
             "birthDate": "1980-01-01"
         })
+    }
+
+    #[test]
+    fn decimals_with_trailing_zeros_pass_and_a_wrong_type_still_fails() {
+        // `4.20` and `0.27` as sent (arbitrary precision), in a Range and a Quantity.
+        let decimals: Value = serde_json::from_str(
+            r#"{"resourceType":"Observation","status":"final","code":{"text":"WBC"},
+                "valueQuantity":{"value":11.50,"unit":"10*9/L"},
+                "referenceRange":[{"low":{"value":0.27},"high":{"value":4.20}}]}"#,
+        )
+        .expect("JSON");
+        validate(&bundle(vec![patient(), decimals.clone()])).expect("valid decimals");
+        let mut wrong = decimals;
+        wrong["referenceRange"][0]["high"]["value"] = json!("4.20");
+        assert!(validate(&bundle(vec![patient(), wrong])).is_err());
     }
 
     #[test]

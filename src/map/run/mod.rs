@@ -12,14 +12,16 @@
 //!   they share (the DiagnosticReport of an order gets that order's Observations).
 //! - Ids are deterministic: UUIDv5 of (site ODS code, resource type, declared `key:` values), else
 //!   of the first identifier's system and value, else of the message's sender and control id, the
-//!   resource's local name and its occurrence. A re-sent message yields the same ids.
+//!   resource's local name and its occurrence. A re-sent message yields the same ids. A `key:`
+//!   that repeats within one message is numbered by occurrence (the first keeps the plain key);
+//!   instances that end with the same id are one resource (the first is kept).
 
 mod convert;
 mod eval;
 mod scope;
 mod set;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -139,6 +141,9 @@ pub(crate) struct Runner<'a, 'm> {
     clock_flags: Vec<String>,
     /// A refusal found inside a conversion (clock_change = reject), returned at the end.
     refused: Option<RunError>,
+    /// How many instances took each `key:` id so far (a repeated key is numbered, see
+    /// [`Runner::resource_id`]).
+    keyed: HashMap<uuid::Uuid, usize>,
 }
 
 struct Built {
@@ -169,6 +174,7 @@ pub fn run(
         flags: Vec::new(),
         clock_flags: Vec::new(),
         refused: None,
+        keyed: HashMap::new(),
     };
     let root = Cursor {
         groups: &[],
@@ -251,6 +257,29 @@ pub fn run(
     if let Some(e) = r.refused.take() {
         return Err(e);
     }
+    // One entry per id: a resource built again with the same id (the same ordering clinician on
+    // every OBR, keyed by the same identifier) is the same resource; references to it already
+    // carry that id. A later copy that differs is dropped with a warning (no values in it).
+    let mut seen: HashMap<uuid::Uuid, usize> = HashMap::new();
+    let mut kept: Vec<Built> = Vec::with_capacity(built.len());
+    for b in built {
+        match seen.get(&b.resource.id) {
+            Some(&k) => {
+                if kept[k].resource.json != b.resource.json {
+                    r.warnings.push(format!(
+                        "resource `{}` ({}): two instances share an id but differ; the first is kept",
+                        b.resource.name, b.resource.resource_type
+                    ));
+                }
+            }
+            None => {
+                seen.insert(b.resource.id, kept.len());
+                kept.push(b);
+            }
+        }
+    }
+    let built = kept;
+
     let first_of = |i: usize| built.iter().position(|b| b.plan_index == i);
     let focus = mp
         .focus
@@ -402,6 +431,17 @@ impl<'m> Runner<'_, 'm> {
             if values.iter().any(Option::is_some) {
                 let mut parts: Vec<&str> = vec![&site.ods_code, &rp.resource_type, "key"];
                 parts.extend(values.iter().map(|v| v.as_deref().unwrap_or("")));
+                let base = ids::resource_uuid(&parts);
+                // The same key again in one message (two OBX with the same OBX-3 and no OBX-4
+                // sub-id) is another resource: number it by its order among the instances that
+                // share the key, so the first keeps the plain key and a re-send repeats the ids.
+                let n = self.keyed.entry(base).or_insert(0);
+                *n += 1;
+                if *n == 1 {
+                    return base;
+                }
+                let n = n.to_string();
+                parts.extend(["occurrence", n.as_str()]);
                 return ids::resource_uuid(&parts);
             }
         }
