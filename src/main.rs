@@ -153,20 +153,11 @@ enum OutboxCmd {
         /// received, ready, delivered, quarantined or dead-lettered.
         #[arg(long)]
         state: Option<String>,
-        #[arg(long)]
-        feed: Option<String>,
-        /// Only ids greater than this (paging).
-        #[arg(long)]
-        after: Option<u64>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        #[command(flatten)]
+        page: Page,
     },
     /// One record's metadata (and with --payload its raw message and Bundle: patient data).
-    Show {
-        id: u64,
-        #[arg(long)]
-        payload: bool,
-    },
+    Show(ShowArgs),
     /// Send a record on again: quarantined -> mapped again, dead-lettered -> published again.
     Retry { id: u64 },
     /// Remove the audit rows of delivered records (undelivered records are never purged).
@@ -177,24 +168,32 @@ enum OutboxCmd {
     },
 }
 
+/// Which records of a listing: one feed's, after an id, at most so many.
+#[derive(clap::Args, Clone)]
+struct Page {
+    #[arg(long)]
+    feed: Option<String>,
+    /// Only ids greater than this (paging).
+    #[arg(long)]
+    after: Option<u64>,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+#[derive(clap::Args, Clone)]
+struct ShowArgs {
+    id: u64,
+    /// Also the raw message and the Bundle (patient data, to this terminal only).
+    #[arg(long)]
+    payload: bool,
+}
+
 #[derive(Subcommand)]
 enum QuarantineCmd {
     /// Quarantined records with their reasons, in id order.
-    List {
-        #[arg(long)]
-        feed: Option<String>,
-        /// Only ids greater than this (paging).
-        #[arg(long)]
-        after: Option<u64>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
+    List(Page),
     /// One record's metadata and reason (with --payload its raw message: patient data).
-    Show {
-        id: u64,
-        #[arg(long)]
-        payload: bool,
-    },
+    Show(ShowArgs),
     /// Map records again with the mappings in use now; each is then signed and forwarded, or
     /// quarantined again with its new reason.
     Retry {
@@ -704,20 +703,15 @@ fn cmd_outbox(config: Option<&Path>, cmd: &OutboxCmd, json: bool) -> Result<Exit
     let config = Config::load(config)?;
     let req = match cmd {
         OutboxCmd::Stats => Request::Stats,
-        OutboxCmd::List {
-            state,
-            feed,
-            after,
-            limit,
-        } => Request::List {
+        OutboxCmd::List { state, page } => Request::List {
             state: state.clone(),
-            feed: feed.clone(),
-            after: *after,
-            limit: *limit,
+            feed: page.feed.clone(),
+            after: page.after,
+            limit: page.limit,
         },
-        OutboxCmd::Show { id, payload } => Request::Show {
-            id: *id,
-            payload: *payload,
+        OutboxCmd::Show(show) => Request::Show {
+            id: show.id,
+            payload: show.payload,
         },
         OutboxCmd::Retry { id } => Request::Retry { id: *id },
         OutboxCmd::Purge { delivered } => {
@@ -759,21 +753,15 @@ fn cmd_quarantine(config: Option<&Path>, cmd: &QuarantineCmd, json: bool) -> Res
     use hl7_edge::ops::admin::Request;
     const QUARANTINED: &str = "quarantined";
     let ids = match cmd {
-        QuarantineCmd::List { feed, after, limit } => {
+        QuarantineCmd::List(page) => {
             let as_outbox = OutboxCmd::List {
                 state: Some(QUARANTINED.into()),
-                feed: feed.clone(),
-                after: *after,
-                limit: *limit,
+                page: page.clone(),
             };
             return cmd_outbox(config, &as_outbox, json);
         }
-        QuarantineCmd::Show { id, payload } => {
-            let as_outbox = OutboxCmd::Show {
-                id: *id,
-                payload: *payload,
-            };
-            return cmd_outbox(config, &as_outbox, json);
+        QuarantineCmd::Show(show) => {
+            return cmd_outbox(config, &OutboxCmd::Show(show.clone()), json);
         }
         QuarantineCmd::Retry { ids, all, feed } => {
             if ids.is_empty() && !all {
@@ -932,7 +920,7 @@ fn print_outbox(cmd: &OutboxCmd, v: &serde_json::Value, json: bool) {
                 }
             }
         }
-        OutboxCmd::Show { .. } => {
+        OutboxCmd::Show(_) => {
             if let Some(obj) = v.as_object() {
                 for (k, val) in obj {
                     match (k.as_str(), val) {

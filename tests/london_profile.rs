@@ -244,34 +244,22 @@ fn a_local_time_in_the_repeated_hour_is_tagged_or_refused_by_policy() {
         "{tags:?}"
     );
 
+    // `map` under a site configuration with this policy.
+    let map_with = |policy: &str| {
+        let conf = work.path().join(format!("{policy}.toml"));
+        std::fs::write(&conf, format!("[site]\nclock_change = \"{policy}\"\n")).expect("write");
+        let (conf, msg) = (conf.display().to_string(), msg.display().to_string());
+        hl7_edge(&["--config", &conf, "map", &msg], work.path())
+    };
+
     // `later`: GMT (+00:00).
-    let conf = work.path().join("later.toml");
-    std::fs::write(&conf, "[site]\nclock_change = \"later\"\n").expect("write");
-    let out = hl7_edge(
-        &[
-            "--config",
-            &conf.display().to_string(),
-            "map",
-            &msg.display().to_string(),
-        ],
-        work.path(),
-    );
+    let out = map_with("later");
     assert!(out.status.success(), "{}", text(&out));
     let later = String::from_utf8_lossy(&out.stdout);
     assert!(later.contains("2026-10-25T01:30:00+00:00"), "{later}");
 
     // `reject`: the message would be quarantined, with a reason that names the rule, not the time.
-    let conf = work.path().join("reject.toml");
-    std::fs::write(&conf, "[site]\nclock_change = \"reject\"\n").expect("write");
-    let out = hl7_edge(
-        &[
-            "--config",
-            &conf.display().to_string(),
-            "map",
-            &msg.display().to_string(),
-        ],
-        work.path(),
-    );
+    let out = map_with("reject");
     let err = text(&out);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("refused by policy"), "{err}");
@@ -349,4 +337,102 @@ fn the_oru_patient_identifier_rules_are_the_adt_ones() {
         adt, oru,
         "copy the identifier rules of messages/adt.yaml's patient into messages/oru.yaml"
     );
+}
+
+/// The operator's loop for a feed that sends the NHS number where the site does not expect it:
+/// the daemon ACKs and quarantines (never forwards) the message, `hl7-edge quarantine` shows why,
+/// the feed is told where its NHS number is (`[variables] nhs_number_field`), and
+/// `quarantine retry --all` sends the stored message on: nothing re-sent by the hospital.
+#[test]
+fn quarantined_messages_are_listed_then_retried_after_the_feed_is_fixed() {
+    use common::{Broker, Daemon, MllpClient, Subscriber, field, fixture};
+    use std::time::Duration;
+    let t = Duration::from_secs(20);
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port, "hl7-edge/#");
+    let mut d = Daemon::start(&broker.url());
+
+    // The NHS number in PID-19 (and not in PID-3), as some older PAS feeds send it.
+    let a01 = String::from_utf8(fixture("adt_a01_uk.hl7")).expect("UTF-8 fixture");
+    let mut msg = Vec::new();
+    for seg in a01.split(['\r', '\n']).filter(|s| !s.is_empty()) {
+        let seg = if seg.starts_with("PID|") {
+            let mut f: Vec<String> = seg.split('|').map(str::to_string).collect();
+            f[3] = "RRV1234567^^^RRV^MR".into();
+            f[19] = "944 930 5552".into();
+            f.join("|")
+        } else {
+            seg.to_string()
+        };
+        msg.extend_from_slice(seg.as_bytes());
+        msg.push(b'\r');
+    }
+    let mut c = MllpClient::connect(d.addr());
+    let ack = c.send(&msg);
+    assert_eq!(
+        field(&ack, "MSA", 1),
+        "AA",
+        "stored, so acknowledged: {ack}"
+    );
+    drop(c);
+
+    let json = |out: std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let listed = common::wait_for("the message quarantined", t, || {
+        let v = json(d.cli(&["quarantine", "list", "--json"]));
+        v.as_array().filter(|a| a.len() == 1).map(|a| a[0].clone())
+    });
+    let reason = listed["reason"].as_str().expect("reason");
+    assert!(reason.contains("no valid NHS number"), "{reason}");
+    assert!(!reason.contains("9449305552"), "no patient data: {reason}");
+    let id = listed["id"].as_u64().expect("id").to_string();
+    let shown = json(d.cli(&["quarantine", "show", &id, "--json"]));
+    assert_eq!(shown["state"], "quarantined", "{shown}");
+    let plain = text(&d.cli(&["quarantine", "list"]));
+    assert!(
+        plain.contains("quarantined") && plain.contains("no valid NHS number"),
+        "{plain}"
+    );
+    assert!(
+        sub.drain_for(Duration::from_millis(300)).is_empty(),
+        "nothing forwarded"
+    );
+
+    // The fix: this feed sends its NHS number in PID-19.
+    assert!(d.stop(), "clean stop");
+    d.feed_extra = "[variables]\nnhs_number_field = \"PID-19\"\n".into();
+    d.write_config();
+    d.start_again();
+    let out = d.cli(&["quarantine", "retry", "--all"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("#{id} is now received")),
+        "{}",
+        text(&out)
+    );
+
+    let got = sub.take(1, t);
+    let bundle: serde_json::Value = serde_json::from_str(&got[0].1).expect("Bundle");
+    let patient = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| &e["resource"])
+        .find(|r| r["resourceType"] == "Patient")
+        .expect("a Patient");
+    assert!(
+        patient["identifier"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .any(|i| i["system"] == "https://fhir.nhs.uk/Id/nhs-number"
+                && i["value"] == "9449305552"),
+        "{patient}"
+    );
+    let left = json(d.cli(&["quarantine", "list", "--json"]));
+    assert_eq!(left.as_array().map(Vec::len), Some(0), "{left}");
+    let nothing = d.cli(&["quarantine", "retry", "--all"]);
+    assert!(text(&nothing).contains("no quarantined records"));
 }

@@ -315,7 +315,8 @@ impl Daemon {
         self.dir.path().join("hl7-edge.toml")
     }
 
-    fn write_config(&self) {
+    /// Writes the configuration and the feed files (again, after a change to `feed_extra`).
+    pub fn write_config(&self) {
         let adapters = self.dir.path().join("adapters");
         std::fs::create_dir_all(&adapters).expect("adapters dir");
         std::fs::write(
