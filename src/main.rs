@@ -302,6 +302,22 @@ fn load_sources(config: &Config, sources: &Sources<'_>) -> Result<MappingSet> {
     })
 }
 
+/// What `map` and `survey` work with: the configured site, the chosen feed and the mappings,
+/// without state, network or key.
+fn offline_processor(
+    config: Option<&Path>,
+    mappings: MappingDirs<'_>,
+    feed: Option<&str>,
+) -> Result<(Processor, FeedConfig)> {
+    let config = Config::load(config)?;
+    let feeds = adapter::load(config.adapters_dir.as_deref(), &config.site)?;
+    let feed = pick_feed(&feeds, feed)?.clone();
+    let set = load_mappings(&config, mappings)?;
+    let processor = Processor::new(Arc::new(set), config.site.clone(), config.profile.clone())
+        .map_err(anyhow::Error::msg)?;
+    Ok((processor, feed))
+}
+
 fn cmd_map(
     config: Option<&Path>,
     file: &Path,
@@ -309,12 +325,8 @@ fn cmd_map(
     feed: Option<&str>,
     explain: bool,
 ) -> Result<ExitCode> {
-    let config = Config::load(config)?;
-    let feeds = adapter::load(config.adapters_dir.as_deref(), &config.site)?;
-    let feed = pick_feed(&feeds, feed)?;
-    let set = load_mappings(&config, mappings)?;
-    let processor = Processor::new(Arc::new(set), config.site.clone(), config.profile.clone())
-        .map_err(anyhow::Error::msg)?;
+    let (processor, feed) = offline_processor(config, mappings, feed)?;
+    let feed = &feed;
     let raw = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mode = if explain { Explain::On } else { Explain::Off };
     let produced = processor.build(&raw, feed, jiff::Timestamp::now(), mode)?;
@@ -639,12 +651,8 @@ fn cmd_survey(
 ) -> Result<ExitCode> {
     use hl7_edge::pipeline::survey;
     use std::io::Write;
-    let config = Config::load(config)?;
-    let feeds = adapter::load(config.adapters_dir.as_deref(), &config.site)?;
-    let feed = pick_feed(&feeds, feed)?;
-    let set = load_mappings(&config, mappings)?;
-    let processor = Processor::new(Arc::new(set), config.site.clone(), config.profile.clone())
-        .map_err(anyhow::Error::msg)?;
+    let (processor, feed) = offline_processor(config, mappings, feed)?;
+    let feed = &feed;
     let files = survey::collect(paths).context("cannot list the messages")?;
     if files.is_empty() {
         bail!("no *.hl7 files found in the paths given");
