@@ -198,23 +198,11 @@ fn broken_fragments_are_quarantined_never_mapped_and_never_crash() {
 /// An A01 whose admission time is 01:30 on 25 October 2026, the repeated hour of the autumn
 /// clock change in Europe/London.
 fn clock_change_message() -> Vec<u8> {
-    let text = String::from_utf8(common::fixture("adt_a01_uk.hl7")).expect("UTF-8 fixture");
-    let mut out = Vec::new();
-    for seg in text.split(['\r', '\n']).filter(|s| !s.is_empty()) {
-        let seg = if seg.starts_with("PV1|") {
-            let mut f: Vec<String> = seg.split('|').map(str::to_string).collect();
-            if f.len() <= 44 {
-                f.resize(45, String::new());
-            }
-            f[44] = "202610250130".into();
-            f.join("|")
-        } else {
-            seg.to_string()
-        };
-        out.extend_from_slice(seg.as_bytes());
-        out.push(b'\r');
-    }
-    out
+    common::with_fields(
+        &common::fixture("adt_a01_uk.hl7"),
+        "PV1",
+        &[(44, "202610250130")],
+    )
 }
 
 #[test]
@@ -275,36 +263,33 @@ fn a_feed_variable_that_is_not_a_site_variable_is_an_error_at_start() {
     let work = tempfile::tempdir().expect("tempdir");
     let adapters = work.path().join("adapters");
     std::fs::create_dir(&adapters).expect("mkdir");
-    std::fs::write(
-        adapters.join("pas.toml"),
-        "name = \"pas\"\n[variables]\nnhs_numbr_field = \"PID-19\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:0\"\n",
-    )
-    .expect("write");
     let conf = work.path().join("config.toml");
     std::fs::write(
         &conf,
         format!("adapters_dir = \"{}\"\n", adapters.display()),
     )
     .expect("write");
-    let out = hl7_edge(
-        &["--config", &conf.display().to_string(), "check"],
-        work.path(),
-    );
+    // `hl7-edge check` with a feed whose `[variables]` table is `variables`.
+    let check_with = |variables: &str| {
+        std::fs::write(
+            adapters.join("pas.toml"),
+            format!("name = \"pas\"\n[variables]\n{variables}\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:0\"\n"),
+        )
+        .expect("write");
+        hl7_edge(
+            &["--config", &conf.display().to_string(), "check"],
+            work.path(),
+        )
+    };
+
+    let out = check_with("nhs_numbr_field = \"PID-19\"");
     let t = text(&out);
     assert!(!out.status.success(), "{t}");
     assert!(t.contains("nhs_numbr_field"), "{t}");
     assert!(t.contains("nhs_number_field"), "lists the real names: {t}");
 
     // A known variable with a value outside its allowed set is an error too.
-    std::fs::write(
-        adapters.join("pas.toml"),
-        "name = \"pas\"\n[variables]\nnhs_number_field = \"PID-4\"\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:0\"\n",
-    )
-    .expect("write");
-    let out = hl7_edge(
-        &["--config", &conf.display().to_string(), "check"],
-        work.path(),
-    );
+    let out = check_with("nhs_number_field = \"PID-4\"");
     let t = text(&out);
     assert!(!out.status.success(), "{t}");
     assert!(t.contains("PID-19"), "names the allowed values: {t}");
@@ -353,20 +338,11 @@ fn quarantined_messages_are_listed_then_retried_after_the_feed_is_fixed() {
     let mut d = Daemon::start(&broker.url());
 
     // The NHS number in PID-19 (and not in PID-3), as some older PAS feeds send it.
-    let a01 = String::from_utf8(fixture("adt_a01_uk.hl7")).expect("UTF-8 fixture");
-    let mut msg = Vec::new();
-    for seg in a01.split(['\r', '\n']).filter(|s| !s.is_empty()) {
-        let seg = if seg.starts_with("PID|") {
-            let mut f: Vec<String> = seg.split('|').map(str::to_string).collect();
-            f[3] = "RRV1234567^^^RRV^MR".into();
-            f[19] = "944 930 5552".into();
-            f.join("|")
-        } else {
-            seg.to_string()
-        };
-        msg.extend_from_slice(seg.as_bytes());
-        msg.push(b'\r');
-    }
+    let msg = common::with_fields(
+        &fixture("adt_a01_uk.hl7"),
+        "PID",
+        &[(3, "RRV1234567^^^RRV^MR"), (19, "944 930 5552")],
+    );
     let mut c = MllpClient::connect(d.addr());
     let ack = c.send(&msg);
     assert_eq!(

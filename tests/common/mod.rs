@@ -955,6 +955,33 @@ pub fn with_control_id(fixture_bytes: &[u8], control_id: &str) -> Vec<u8> {
     text.replacen(msh, &new_msh, 1).into_bytes()
 }
 
+/// A fixture (UTF-8, segments separated by CR or LF) with fields of the first `segment` set:
+/// `(field number, new value)`, counted as HL7 counts them for non-MSH segments (`PID-19` is 19).
+/// The segment is padded with empty fields as needed; segments come back CR-terminated.
+pub fn with_fields(fixture_bytes: &[u8], segment: &str, fields: &[(usize, &str)]) -> Vec<u8> {
+    let text = String::from_utf8(fixture_bytes.to_vec()).expect("UTF-8 fixture");
+    let mut done = false;
+    let mut out = Vec::new();
+    for seg in text.split(['\r', '\n']).filter(|s| !s.is_empty()) {
+        let mut line = seg.to_string();
+        if !done && seg.split('|').next() == Some(segment) {
+            let mut f: Vec<String> = seg.split('|').map(str::to_string).collect();
+            for (n, value) in fields {
+                if f.len() <= *n {
+                    f.resize(n + 1, String::new());
+                }
+                f[*n] = (*value).to_string();
+            }
+            line = f.join("|");
+            done = true;
+        }
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\r');
+    }
+    assert!(done, "the fixture has no {segment} segment");
+    out
+}
+
 /// `Bundle.identifier.value` of an MQTT payload.
 pub fn bundle_id(payload: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(payload).expect("payload is JSON");
