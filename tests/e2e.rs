@@ -8,16 +8,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn resource<'a>(bundle: &'a Value, rtype: &str) -> &'a Value {
-    bundle["entry"]
-        .as_array()
-        .expect("entry array")
-        .iter()
-        .map(|e| &e["resource"])
-        .find(|r| r["resourceType"] == rtype)
-        .unwrap_or_else(|| panic!("no {rtype} in bundle"))
-}
-
 fn by_control_id(msgs: &[(String, String)], control_id: &str) -> (String, Value) {
     for (t, p) in msgs {
         let v: Value = serde_json::from_str(p).expect("payload is JSON");

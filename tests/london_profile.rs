@@ -215,13 +215,7 @@ fn a_local_time_in_the_repeated_hour_is_tagged_or_refused_by_policy() {
     let out = hl7_edge(&["map", &msg.display().to_string()], work.path());
     assert!(out.status.success(), "{}", text(&out));
     let bundle: serde_json::Value = serde_json::from_slice(&out.stdout).expect("Bundle JSON");
-    let encounter = bundle["entry"]
-        .as_array()
-        .expect("entries")
-        .iter()
-        .map(|e| &e["resource"])
-        .find(|r| r["resourceType"] == "Encounter")
-        .expect("an Encounter");
+    let encounter = common::resource(&bundle, "Encounter");
     assert_eq!(encounter["period"]["start"], "2026-10-25T01:30:00+01:00");
     let tags = encounter["meta"]["tag"].as_array().expect("meta.tag");
     assert!(
@@ -391,13 +385,7 @@ fn quarantined_messages_are_listed_then_retried_after_the_feed_is_fixed() {
 
     let got = sub.take(1, t);
     let bundle: serde_json::Value = serde_json::from_str(&got[0].1).expect("Bundle");
-    let patient = bundle["entry"]
-        .as_array()
-        .expect("entries")
-        .iter()
-        .map(|e| &e["resource"])
-        .find(|r| r["resourceType"] == "Patient")
-        .expect("a Patient");
+    let patient = common::resource(&bundle, "Patient");
     assert!(
         patient["identifier"]
             .as_array()

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::BIN;
+use common::{BIN, resource};
 use serde_json::Value;
 
 fn hl7_edge(args: &[&str], dir: &Path) -> Output {
@@ -45,16 +45,6 @@ fn copy_mappings(to: &Path) {
         }
     }
     copy(&repo("mappings"), to);
-}
-
-fn resource<'a>(bundle: &'a Value, rtype: &str) -> &'a Value {
-    bundle["entry"]
-        .as_array()
-        .expect("entries")
-        .iter()
-        .map(|e| &e["resource"])
-        .find(|r| r["resourceType"] == rtype)
-        .unwrap_or_else(|| panic!("no {rtype}"))
 }
 
 #[test]

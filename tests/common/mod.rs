@@ -982,6 +982,17 @@ pub fn with_fields(fixture_bytes: &[u8], segment: &str, fields: &[(usize, &str)]
     out
 }
 
+/// The first resource of type `rtype` in a Bundle (panics if there is none).
+pub fn resource<'a>(bundle: &'a serde_json::Value, rtype: &str) -> &'a serde_json::Value {
+    bundle["entry"]
+        .as_array()
+        .expect("entry array")
+        .iter()
+        .map(|e| &e["resource"])
+        .find(|r| r["resourceType"] == rtype)
+        .unwrap_or_else(|| panic!("no {rtype} in bundle"))
+}
+
 /// `Bundle.identifier.value` of an MQTT payload.
 pub fn bundle_id(payload: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(payload).expect("payload is JSON");
