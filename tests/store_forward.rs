@@ -167,6 +167,61 @@ fn kill_9_under_load_loses_no_acked_message_and_keeps_order() {
     });
 }
 
+/// Between two checkpoints, an accepted message is durable in the intake journal only (the
+/// database commit holding it is not yet on disk). A crash then must not lose it: the restart
+/// stores every ACKed message again from the journal and forwards it; a clean stop leaves
+/// nothing to restore.
+#[test]
+fn kill_9_between_checkpoints_restores_every_acked_message_from_the_journal() {
+    let broker = ConfBroker::start(ConfBroker::plain(), false);
+    let sub = Sub5::start(broker.port, &["hl7-edge/#"]);
+    // No checkpoint for an hour after the one at start-up.
+    let mut d = Daemon::start_with(
+        &broker.url(),
+        "[outbox]\ncheckpoint_interval_ms = 3600000\n",
+    );
+    let template = fixture("adt_a01_uk.hl7");
+    let ids: Vec<String> = (0..20).map(|i| format!("j-{i}")).collect();
+    let mut c = MllpClient::connect(d.addr());
+    for id in &ids {
+        let ack = c.send(&with_control_id(&template, id));
+        assert_eq!(field(&ack, "MSA", 1), "AA", "{ack}");
+    }
+    drop(c);
+    // Delivered before the crash; the delivery records were not checkpointed either.
+    sub.until("the first deliveries", DEADLINE, |m| {
+        let got: std::collections::HashSet<String> =
+            m.iter().map(|m| bundle_id(&m.payload)).collect();
+        ids.iter().all(|a| got.contains(a))
+    });
+    d.kill9();
+    d.restart();
+    let line = d.wait_log_line("from the journal", DEADLINE);
+    assert!(
+        line.contains("messages=20"),
+        "all 20 ACKed messages restored from the journal: {line:?}"
+    );
+    // Published again (at-least-once), each under its stable identifier.
+    let msgs = sub.until("the redeliveries", DEADLINE, |m| m.len() >= 2 * ids.len());
+    let (distinct, dups) = check_arrivals(msgs.iter().map(|m| m.payload.as_str()), &ids);
+    assert_eq!((distinct, dups), (ids.len(), ids.len()));
+    wait_for("an empty outbox", DEADLINE, || {
+        let out = d.cli(&["outbox", "stats", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["received"] == 0 && v["ready"] == 0).then_some(())
+    });
+
+    // A clean stop checkpoints: the next start has nothing to restore.
+    assert!(d.stop(), "clean stop");
+    d.restart();
+    std::thread::sleep(Duration::from_millis(300));
+    let log = d.log_text();
+    assert!(!log.contains("from the journal"), "{log}");
+    let out = d.cli(&["outbox", "stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    assert_eq!(v["delivered_total"], 20, "{v}");
+}
+
 #[test]
 fn broker_outage_under_load_keeps_acking_and_delivers_everything_in_order() {
     let mut broker = ConfBroker::start(ConfBroker::plain(), true);

@@ -194,6 +194,12 @@ pub struct OutboxConfig {
     pub max_age_secs: u64,
     /// How long the audit trail of delivered messages is kept, in days (pruned hourly).
     pub audit_retention_days: u32,
+    /// Accepted messages are made durable in a journal (one small fsync per batch) and the
+    /// database itself is made durable at most this many milliseconds later (a checkpoint).
+    /// A crash never loses an accepted message; it only makes the appliance map and publish
+    /// again what changed since the last checkpoint. 0: a full database commit per batch (no
+    /// journal; slower ingest).
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for OutboxConfig {
@@ -204,6 +210,7 @@ impl Default for OutboxConfig {
             max_records: 1_000_000,
             max_age_secs: 7 * 24 * 3600,
             audit_retention_days: 30,
+            checkpoint_interval_ms: crate::outbox::DEFAULT_CHECKPOINT_INTERVAL_MS,
         }
     }
 }
@@ -215,6 +222,7 @@ impl OutboxConfig {
             max_bytes: self.max_bytes,
             max_records: self.max_records,
             max_age_ms: self.max_age_secs.saturating_mul(1000),
+            checkpoint_interval_ms: self.checkpoint_interval_ms,
         }
     }
 }

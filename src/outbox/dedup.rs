@@ -66,6 +66,22 @@ impl DedupKey {
             content_sha256: content_hash(raw),
         }
     }
+
+    /// A key as the journal stored it.
+    pub(super) fn from_parts(key: String, content_sha256: [u8; 32]) -> DedupKey {
+        DedupKey {
+            key,
+            content_sha256,
+        }
+    }
+
+    pub(super) fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub(super) fn content_sha256(&self) -> &[u8; 32] {
+        &self.content_sha256
+    }
 }
 
 /// SHA-256 of the message with line endings normalised and blank lines and a BOM dropped.
@@ -203,11 +219,13 @@ pub(super) fn short_circuit(seen: &Seen, policy: ConflictPolicy) -> Option<Dedup
     }
 }
 
-/// Remembers the record just inserted under `d.key` (replacing a stale or conflicting entry).
+/// Remembers the record just inserted under `key` for `window_ms` (replacing a stale or
+/// conflicting entry).
 pub(super) fn remember(
     table: &mut Table<'_, &'static str, &'static [u8]>,
     by_expiry: &mut Table<'_, (u64, &'static str), ()>,
-    d: &DedupInsert,
+    key: &DedupKey,
+    window_ms: u64,
     id: RecordId,
     seen: &Seen,
     now: u64,
@@ -217,16 +235,16 @@ pub(super) fn remember(
         Seen::New => None,
     };
     if let Some(p) = previous {
-        by_expiry.remove((p.expires_ms, d.key.key.as_str()))?;
+        by_expiry.remove((p.expires_ms, key.key.as_str()))?;
     }
     let entry = Entry {
-        hash: d.key.content_sha256,
+        hash: key.content_sha256,
         id: id.0,
         seen_ms: now,
-        expires_ms: now.saturating_add(d.window_ms.max(1)),
+        expires_ms: now.saturating_add(window_ms.max(1)),
     };
-    table.insert(d.key.key.as_str(), entry.encode().as_slice())?;
-    by_expiry.insert((entry.expires_ms, d.key.key.as_str()), ())?;
+    table.insert(key.key.as_str(), entry.encode().as_slice())?;
+    by_expiry.insert((entry.expires_ms, key.key.as_str()), ())?;
     prune(table, by_expiry, now)?;
     Ok(match seen {
         Seen::Different(p) => DedupOutcome::StoredConflict {

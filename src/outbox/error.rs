@@ -31,6 +31,15 @@ pub enum StoreError {
         source: Box<redb::Error>,
     },
 
+    /// The intake journal beside the database could not be created, read or written.
+    #[error("outbox journal {path}: {what} failed: {source}")]
+    Journal {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The configured limits are reached: the message is refused (ingest answers a negative ACK)
     /// instead of being dropped. Space is freed as records are delivered.
     #[error(

@@ -75,6 +75,7 @@
 
 mod dedup;
 mod error;
+mod journal;
 mod store;
 mod writer;
 
@@ -82,8 +83,8 @@ pub use dedup::{ConflictPolicy, DedupInsert, DedupKey, DedupOutcome, content_has
 pub use error::StoreError;
 pub use store::{
     AuditEntry, BundleInfo, FeedCounters, ListFilter, NewRecord, Outbox, OutboxLimits, OutboxStats,
-    Record, RecordId, RecordMeta, RecordState, StateKind, WriteOp, WriteOutcome, now_ms,
-    sha256_hex,
+    DEFAULT_CHECKPOINT_INTERVAL_MS, Record, RecordId, RecordMeta, RecordState, StateKind,
+    WriteOp, WriteOutcome, now_ms, sha256_hex,
 };
 pub use writer::{Writer, WriterConfig, WriterHandle};
 

@@ -18,16 +18,17 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
     WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::error::StoreError;
+use super::journal::{self, Journal};
 
 const META: TableDefinition<u64, &[u8]> = TableDefinition::new("records_meta");
 const RAW: TableDefinition<u64, &[u8]> = TableDefinition::new("records_raw");
@@ -48,6 +49,19 @@ const C_READY: &str = "ready";
 const C_QUARANTINED: &str = "quarantined";
 const C_DELIVERED: &str = "delivered_total";
 const C_DEAD: &str = "dead_lettered";
+/// Random id of this database, written at creation: journal records of another database
+/// (one deleted and created again beside an old journal) are never replayed into it.
+const C_INSTANCE: &str = "instance_id";
+/// Advanced by every checkpoint: journal records of an earlier epoch are already in redb.
+const C_JOURNAL_EPOCH: &str = "journal_epoch";
+
+/// Default of [`OutboxLimits::checkpoint_interval_ms`]: the longest time non-durable commits
+/// wait for a checkpoint (a durable redb commit). It bounds what a crash makes the pipeline
+/// redo (mapping again, publishing again what the broker had acknowledged: at-least-once),
+/// never what it loses: inserts are in the journal. Longer intervals write fewer pages (a
+/// record delivered within one interval never reaches the disk as a Bundle) but make each
+/// checkpoint, and the ACKs waiting behind it, slower.
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 250;
 
 /// Global, monotonically increasing record id, assigned at insert in commit order and never
 /// reused (the counter is persisted in the same transaction as the record).
@@ -229,6 +243,9 @@ pub struct OutboxLimits {
     /// and raises its own alarms, instead of the appliance hoarding days of admissions the
     /// exchange has not seen.
     pub max_age_ms: u64,
+    /// Longest time, in milliseconds, that non-durable commits wait for a checkpoint (see
+    /// `journal.rs`); 0 makes every batch a durable redb commit (no journal).
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for OutboxLimits {
@@ -237,6 +254,7 @@ impl Default for OutboxLimits {
             max_bytes: 1 << 30,
             max_records: 1_000_000,
             max_age_ms: 0,
+            checkpoint_interval_ms: DEFAULT_CHECKPOINT_INTERVAL_MS,
         }
     }
 }
@@ -355,6 +373,51 @@ struct Inner {
     refused_total: AtomicU64,
     refusing: std::sync::atomic::AtomicBool,
     feeds: Mutex<HashMap<String, FeedCounters>>,
+    /// The intake journal and the checkpoint bookkeeping; locked by whoever writes.
+    journal: Mutex<JournalState>,
+}
+
+impl Drop for Inner {
+    /// The last handle closes the database: make the non-durable commits durable, so a clean
+    /// stop leaves nothing to redo. (Without this, nothing accepted would be lost either: the
+    /// journal holds it. Only mapping and publishing would be repeated.)
+    fn drop(&mut self) {
+        let js = match self.journal.get_mut() {
+            Ok(js) => js,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if !js.dirty {
+            return;
+        }
+        let result = self
+            .db
+            .begin_write()
+            .map_err(redb::Error::from)
+            .and_then(|txn| {
+                {
+                    let mut counters = txn.open_table(COUNTERS)?;
+                    counters.insert(C_JOURNAL_EPOCH, js.epoch + 1)?;
+                }
+                txn.commit()?;
+                Ok(())
+            });
+        if let Err(e) = result {
+            tracing::warn!(
+                path = %self.path.display(),
+                error = %e,
+                "outbox: final checkpoint failed; the journal will be replayed at the next start"
+            );
+        }
+    }
+}
+
+struct JournalState {
+    journal: Journal,
+    instance: u64,
+    epoch: u64,
+    last_checkpoint: Instant,
+    /// Non-durable commits were made since the last checkpoint.
+    dirty: bool,
 }
 
 /// What a committed op changed, applied to the in-memory counters after the commit.
@@ -425,6 +488,15 @@ impl Outbox {
                 path: path.to_path_buf(),
                 source: Box::new(source),
             })?;
+        let journal_path = PathBuf::from(format!("{}.journal", path.display()));
+        let journal =
+            Journal::open(&journal_path, journal::DEFAULT_CAPACITY).map_err(|source| {
+                StoreError::Journal {
+                    path: journal_path.clone(),
+                    what: "open",
+                    source,
+                }
+            })?;
         let (changes, _) = watch::channel(0);
         let outbox = Outbox {
             inner: Arc::new(Inner {
@@ -437,10 +509,154 @@ impl Outbox {
                 refused_total: AtomicU64::new(0),
                 refusing: std::sync::atomic::AtomicBool::new(false),
                 feeds: Mutex::new(HashMap::new()),
+                journal: Mutex::new(JournalState {
+                    journal,
+                    instance: 0,
+                    epoch: 0,
+                    last_checkpoint: Instant::now(),
+                    dirty: false,
+                }),
             }),
         };
         outbox.init_schema()?;
+        outbox.recover_journal()?;
         Ok(outbox)
+    }
+
+    /// Stores again every message of the journal's current epoch (accepted after the last
+    /// checkpoint, so missing from redb after a crash), then checkpoints.
+    fn recover_journal(&self) -> Result<(), StoreError> {
+        let mut js = self.journal_state();
+        let txn = self.begin_write()?;
+        let (instance, epoch, replayed) = {
+            let mut t = self.open_tables(&txn)?;
+            let mut instance = self.counter(&t.counters, C_INSTANCE)?;
+            if instance == 0 {
+                instance = random_instance_id();
+                t.counters
+                    .insert(C_INSTANCE, instance)
+                    .map_err(self.storage("write instance id"))?;
+            }
+            let epoch = self.counter(&t.counters, C_JOURNAL_EPOCH)?;
+            let journal_path = js.journal.path().to_path_buf();
+            let payloads =
+                js.journal
+                    .scan(instance, epoch)
+                    .map_err(|source| StoreError::Journal {
+                        path: journal_path.clone(),
+                        what: "read",
+                        source,
+                    })?;
+            let mut replayed = 0u64;
+            for payload in payloads {
+                let entries = journal::decode(&payload).map_err(|what| StoreError::Corrupt {
+                    path: journal_path.clone(),
+                    what,
+                })?;
+                for e in entries {
+                    replayed += u64::from(self.restore(&mut t, &e)?);
+                }
+            }
+            t.counters
+                .insert(C_JOURNAL_EPOCH, epoch + 1)
+                .map_err(self.storage("advance journal epoch"))?;
+            (instance, epoch + 1, replayed)
+        };
+        txn.commit()
+            .map_err(self.storage("commit journal recovery"))?;
+        js.journal.restart(instance, epoch);
+        js.instance = instance;
+        js.epoch = epoch;
+        js.last_checkpoint = Instant::now();
+        js.dirty = false;
+        if replayed > 0 {
+            tracing::info!(
+                path = %self.inner.path.display(),
+                messages = replayed,
+                "outbox: restored messages accepted after the last checkpoint from the journal"
+            );
+        }
+        Ok(())
+    }
+
+    /// Puts back one journaled message under its original id; `false` if it is already there.
+    fn restore(&self, t: &mut Tables<'_>, e: &journal::Entry) -> Result<bool, StoreError> {
+        if t.meta
+            .get(e.id.0)
+            .map_err(self.storage("read meta"))?
+            .is_some()
+            || self.is_delivered(t, e.id)?
+        {
+            return Ok(false);
+        }
+        self.store_new(t, e.id, &e.record)?;
+        if let Some(d) = &e.dedup {
+            use super::dedup;
+            let key = dedup::DedupKey::from_parts(d.key.clone(), d.content_sha256);
+            let seen = dedup::lookup(&t.dedup, &key, e.now_ms)
+                .map_err(self.storage("read dedup_window"))?;
+            dedup::remember(
+                &mut t.dedup,
+                &mut t.dedup_by_expiry,
+                &key,
+                d.window_ms,
+                e.id,
+                &seen,
+                e.now_ms,
+            )
+            .map_err(self.storage("write dedup_window"))?;
+        }
+        Ok(true)
+    }
+
+    fn journal_state(&self) -> std::sync::MutexGuard<'_, JournalState> {
+        match self.inner.journal.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Makes every non-durable commit durable now (a checkpoint), if there is any.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let mut js = self.journal_state();
+        if js.dirty {
+            self.checkpoint_locked(&mut js)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::checkpoint`] once the checkpoint interval has passed since the last one (the
+    /// writer calls this when idle).
+    pub fn checkpoint_if_due(&self) -> Result<(), StoreError> {
+        let mut js = self.journal_state();
+        if js.dirty && js.last_checkpoint.elapsed() >= self.checkpoint_interval() {
+            self.checkpoint_locked(&mut js)?;
+        }
+        Ok(())
+    }
+
+    /// [`OutboxLimits::checkpoint_interval_ms`].
+    pub fn checkpoint_interval(&self) -> Duration {
+        Duration::from_millis(self.inner.limits.checkpoint_interval_ms)
+    }
+
+    fn checkpoint_locked(&self, js: &mut JournalState) -> Result<(), StoreError> {
+        let txn = self.begin_write()?;
+        {
+            let mut counters = txn
+                .open_table(COUNTERS)
+                .map_err(self.storage("open counters"))?;
+            counters
+                .insert(C_JOURNAL_EPOCH, js.epoch + 1)
+                .map_err(self.storage("advance journal epoch"))?;
+        }
+        txn.commit().map_err(self.storage("commit checkpoint"))?;
+        self.inner.commits.fetch_add(1, Ordering::Relaxed);
+        js.epoch += 1;
+        js.journal.restart(js.instance, js.epoch);
+        js.last_checkpoint = Instant::now();
+        js.dirty = false;
+        Ok(())
     }
 
     fn init_schema(&self) -> Result<(), StoreError> {
@@ -827,10 +1043,13 @@ impl Outbox {
         &self,
         ops: &[WriteOp],
     ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
-        let txn = self.begin_write()?;
+        let mut js = self.journal_state();
+        let mut txn = self.begin_write()?;
         let mut results = Vec::with_capacity(ops.len());
         let mut effects = Vec::with_capacity(ops.len());
         let mut changed = false;
+        let mut batch = journal::Batch::new();
+        let checkpoint;
         {
             let mut t = self.open_tables(&txn)?;
             let now = now_ms();
@@ -845,6 +1064,7 @@ impl Outbox {
                     oldest = Some(self.oldest_pending(&t.pending, &t.meta)?);
                 }
                 let (r, effect) = self.apply_one(&mut t, op, now, oldest.flatten())?;
+                journal_stored(&mut batch, op, &r, now);
                 changed |= matches!(
                     r,
                     Ok(WriteOutcome::Inserted(_)
@@ -858,8 +1078,47 @@ impl Outbox {
                 results.push(r);
                 effects.push(effect);
             }
+            // An operator's command is durable when it answers; otherwise checkpoint on time,
+            // or when the batch does not fit in the journal.
+            checkpoint = ops
+                .iter()
+                .any(|op| matches!(op, WriteOp::Retry { .. } | WriteOp::PruneAudit { .. }))
+                || js.last_checkpoint.elapsed() >= self.checkpoint_interval()
+                || !js.journal.fits(batch.payload().len());
+            if checkpoint {
+                t.counters
+                    .insert(C_JOURNAL_EPOCH, js.epoch + 1)
+                    .map_err(self.storage("advance journal epoch"))?;
+            }
         }
-        txn.commit().map_err(self.storage("commit write batch"))?;
+        if checkpoint {
+            txn.commit().map_err(self.storage("commit write batch"))?;
+            js.epoch += 1;
+            let instance = js.instance;
+            let epoch = js.epoch;
+            js.journal.restart(instance, epoch);
+            js.last_checkpoint = Instant::now();
+            js.dirty = false;
+        } else {
+            txn.set_durability(Durability::None)
+                .map_err(self.storage("set durability"))?;
+            txn.commit().map_err(self.storage("commit write batch"))?;
+            js.dirty = true;
+            if !batch.is_empty()
+                && let Err(source) = js.journal.append(batch.payload())
+            {
+                // The batch is committed in memory only: make it durable the slow way, or
+                // fail it (the callers answer negative ACKs; at worst a message is stored
+                // and also re-sent, never lost).
+                tracing::warn!(
+                    path = %js.journal.path().display(),
+                    error = %source,
+                    "outbox: journal append failed; checkpointing instead"
+                );
+                self.checkpoint_locked(&mut js)?;
+            }
+        }
+        drop(js);
         self.inner.commits.fetch_add(1, Ordering::Relaxed);
         self.apply_effects(effects);
         if changed {
@@ -1019,6 +1278,47 @@ impl Outbox {
         })
     }
 
+    /// Writes a new `Received` record under `id` (ids only grow: the next id moves past it).
+    fn store_new(
+        &self,
+        t: &mut Tables<'_>,
+        id: RecordId,
+        new: &NewRecord,
+    ) -> Result<(), StoreError> {
+        let raw_len = new.raw.len() as u64;
+        let meta = RecordMeta {
+            id,
+            feed: new.feed.clone(),
+            control_id: new.control_id.clone(),
+            message_type: new.message_type.clone(),
+            received_at_ms: new.received_at_ms,
+            state: RecordState::Received,
+            raw_sha256: sha256_hex(&new.raw),
+            raw_len,
+            bundle_sha256: None,
+            bundle_len: 0,
+            message_id: None,
+            key_id: None,
+            delivered_at_ms: None,
+        };
+        self.put_meta(t, &meta)?;
+        t.raw
+            .insert(id.0, new.raw.as_slice())
+            .map_err(self.storage("write raw message"))?;
+        t.pending
+            .insert((new.feed.as_str(), id.0), ())
+            .map_err(self.storage("write pending_by_feed"))?;
+        t.to_map
+            .insert(id.0, ())
+            .map_err(self.storage("write pending_mapping"))?;
+        let next = self.counter(&t.counters, C_NEXT_ID)?.max(id.0 + 1);
+        t.counters
+            .insert(C_NEXT_ID, next)
+            .map_err(self.storage("update counter"))?;
+        self.add_counter(t, C_BYTES, raw_len as i64)?;
+        self.add_counter(t, C_RECEIVED, 1)
+    }
+
     fn put_meta(&self, t: &mut Tables<'_>, meta: &RecordMeta) -> Result<(), StoreError> {
         let bytes = self.encode(meta.id.0, meta)?;
         t.meta
@@ -1086,36 +1386,7 @@ impl Outbox {
                     ));
                 }
                 let id = RecordId(self.counter(&t.counters, C_NEXT_ID)?.max(1));
-                let meta = RecordMeta {
-                    id,
-                    feed: new.feed.clone(),
-                    control_id: new.control_id.clone(),
-                    message_type: new.message_type.clone(),
-                    received_at_ms: new.received_at_ms,
-                    state: RecordState::Received,
-                    raw_sha256: sha256_hex(&new.raw),
-                    raw_len,
-                    bundle_sha256: None,
-                    bundle_len: 0,
-                    message_id: None,
-                    key_id: None,
-                    delivered_at_ms: None,
-                };
-                self.put_meta(t, &meta)?;
-                t.raw
-                    .insert(id.0, new.raw.as_slice())
-                    .map_err(self.storage("write raw message"))?;
-                t.pending
-                    .insert((new.feed.as_str(), id.0), ())
-                    .map_err(self.storage("write pending_by_feed"))?;
-                t.to_map
-                    .insert(id.0, ())
-                    .map_err(self.storage("write pending_mapping"))?;
-                t.counters
-                    .insert(C_NEXT_ID, id.0 + 1)
-                    .map_err(self.storage("update counter"))?;
-                self.add_counter(t, C_BYTES, raw_len as i64)?;
-                self.add_counter(t, C_RECEIVED, 1)?;
+                self.store_new(t, id, new)?;
                 Ok((
                     Ok(WriteOutcome::Inserted(id)),
                     Effect::Received {
@@ -1337,8 +1608,16 @@ impl Outbox {
                 let Ok(WriteOutcome::Inserted(id)) = inserted else {
                     return Ok((inserted, effect));
                 };
-                let out = dedup::remember(&mut t.dedup, &mut t.dedup_by_expiry, d, id, &seen, now)
-                    .map_err(self.storage("write dedup_window"))?;
+                let out = dedup::remember(
+                    &mut t.dedup,
+                    &mut t.dedup_by_expiry,
+                    &d.key,
+                    d.window_ms,
+                    id,
+                    &seen,
+                    now,
+                )
+                .map_err(self.storage("write dedup_window"))?;
                 Ok((Ok(WriteOutcome::Dedup(out)), effect))
             }
             WriteOp::PruneAudit { cutoff_ms } => {
@@ -1400,4 +1679,41 @@ fn meta_from_audit(e: AuditEntry) -> RecordMeta {
         key_id: None,
         delivered_at_ms: Some(e.delivered_at_ms),
     }
+}
+
+/// Adds the message `op` stored (if it stored one) to the batch's journal payload.
+fn journal_stored(
+    batch: &mut journal::Batch,
+    op: &WriteOp,
+    result: &Result<WriteOutcome, StoreError>,
+    now: u64,
+) {
+    use super::dedup::DedupOutcome;
+    match (op, result) {
+        (WriteOp::Insert(new), Ok(WriteOutcome::Inserted(id))) => batch.push(*id, now, new, None),
+        (
+            WriteOp::InsertDedup(d),
+            Ok(WriteOutcome::Dedup(
+                DedupOutcome::Stored(id) | DedupOutcome::StoredConflict { id, .. },
+            )),
+        ) => batch.push(
+            *id,
+            now,
+            &d.record,
+            Some((d.key.key(), d.key.content_sha256(), d.window_ms)),
+        ),
+        _ => {}
+    }
+}
+
+/// A random, non-zero database instance id.
+fn random_instance_id() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    // Without randomness (never seen on Linux), fall back to the clock: still distinct from
+    // any earlier database in practice.
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        b = now_ms().to_le_bytes();
+    }
+    u64::from_le_bytes(b).max(1)
 }

@@ -81,6 +81,7 @@ async fn full_limit_refuses_inserts_and_delivery_frees_space() {
         max_bytes: one * 2 + one / 2,
         max_records: 100,
         max_age_ms: 0,
+        ..OutboxLimits::default()
     };
     let (outbox, writer) = open(&dir, limits);
     let a = writer.insert(rec("lab", 1)).await.expect("insert 1");
@@ -114,6 +115,7 @@ async fn full_limit_refuses_inserts_and_delivery_frees_space() {
             max_bytes: u64::MAX,
             max_records: 1,
             max_age_ms: 0,
+            ..OutboxLimits::default()
         },
     );
     writer2.insert(rec("lab", 1)).await.expect("insert");

@@ -58,14 +58,21 @@ impl Writer {
         let changes = outbox.subscribe_changes();
         let ob = outbox.clone();
         let max_batch = config.max_batch.max(1);
+        let spawn_error = |e| StoreError::Storage {
+            path: outbox.path().to_path_buf(),
+            what: "spawn writer thread",
+            source: Box::new(redb::Error::Io(e)),
+        };
+        // The writer's own timer (a current-thread runtime used only for `recv` with a
+        // timeout): the thread stays off the tokio workers, which must never block on disk.
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(spawn_error)?;
         let join = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || run(ob, rx, max_batch))
-            .map_err(|e| StoreError::Storage {
-                path: outbox.path().to_path_buf(),
-                what: "spawn writer thread",
-                source: Box::new(redb::Error::Io(e)),
-            })?;
+            .spawn(move || run(ob, rx, max_batch, clock))
+            .map_err(spawn_error)?;
         Ok(WriterHandle {
             tx,
             changes,
@@ -204,17 +211,34 @@ fn unexpected(outcome: WriteOutcome) -> StoreError {
     }
 }
 
-fn run(outbox: Outbox, mut rx: mpsc::Receiver<Msg>, max_batch: usize) {
+fn run(
+    outbox: Outbox,
+    mut rx: mpsc::Receiver<Msg>,
+    max_batch: usize,
+    clock: tokio::runtime::Runtime,
+) {
     let mut ops: Vec<WriteOp> = Vec::with_capacity(max_batch);
     let mut replies: Vec<Reply> = Vec::with_capacity(max_batch);
     let mut stop = false;
+    let idle_tick = outbox.checkpoint_interval().max(Duration::from_millis(20));
     while !stop {
-        match rx.blocking_recv() {
-            Some(Msg::Op(op, reply)) => {
+        // Idle: make the last non-durable commits durable once the interval is over (see
+        // `journal.rs`), so a quiet appliance has nothing to redo after a power cut.
+        let first = clock.block_on(async {
+            tokio::time::timeout(idle_tick, rx.recv()).await
+        });
+        match first {
+            Err(_idle) => {
+                if let Err(e) = outbox.checkpoint_if_due() {
+                    tracing::error!(path = %outbox.path().display(), error = %e, "outbox: checkpoint failed");
+                }
+                continue;
+            }
+            Ok(Some(Msg::Op(op, reply))) => {
                 ops.push(op);
                 replies.push(reply);
             }
-            Some(Msg::Shutdown) | None => break,
+            Ok(Some(Msg::Shutdown) | None) => break,
         }
         // Group commit: take whatever else is already queued.
         while ops.len() < max_batch {
@@ -235,6 +259,9 @@ fn run(outbox: Outbox, mut rx: mpsc::Receiver<Msg>, max_batch: usize) {
     // Refuse what is still queued: dropping the replies answers `Closed`.
     rx.close();
     while rx.try_recv().is_ok() {}
+    if let Err(e) = outbox.checkpoint() {
+        tracing::error!(path = %outbox.path().display(), error = %e, "outbox: final checkpoint failed; the journal will be replayed at the next start");
+    }
     tracing::debug!(path = %outbox.path().display(), "outbox writer stopped");
 }
 

@@ -900,6 +900,16 @@ impl Daemon {
     }
 
     /// Waits until the daemon's log contains `needle`.
+    /// The first complete log line containing `needle`, once there is one.
+    pub fn wait_log_line(&self, needle: &str, timeout: Duration) -> String {
+        wait_for(&format!("{needle:?} in the daemon log"), timeout, || {
+            let t = self.log_text();
+            t.split_inclusive('\n')
+                .find(|l| l.ends_with('\n') && l.contains(needle))
+                .map(str::to_owned)
+        })
+    }
+
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
         wait_for(&format!("{needle:?} in the daemon log"), timeout, || {
             let t = self.log_text();
