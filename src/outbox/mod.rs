@@ -82,8 +82,8 @@ mod writer;
 pub use dedup::{ConflictPolicy, DedupInsert, DedupKey, DedupOutcome, content_hash};
 pub use error::StoreError;
 pub use store::{
-    AuditEntry, BundleInfo, FeedCounters, ListFilter, NewRecord, Outbox, OutboxLimits, OutboxStats,
-    DEFAULT_CHECKPOINT_INTERVAL_MS, Record, RecordId, RecordMeta, RecordState, StateKind,
+    AuditEntry, BundleInfo, DEFAULT_CHECKPOINT_INTERVAL_MS, FeedCounters, ListFilter, NewRecord,
+    Outbox, OutboxLimits, OutboxStats, Record, RecordId, RecordMeta, RecordState, StateKind,
     WriteOp, WriteOutcome, now_ms, sha256_hex,
 };
 pub use writer::{Writer, WriterConfig, WriterHandle};

@@ -1049,6 +1049,7 @@ impl Outbox {
         let mut effects = Vec::with_capacity(ops.len());
         let mut changed = false;
         let mut batch = journal::Batch::new();
+        let mut operator = false;
         let checkpoint;
         {
             let mut t = self.open_tables(&txn)?;
@@ -1065,6 +1066,12 @@ impl Outbox {
                 }
                 let (r, effect) = self.apply_one(&mut t, op, now, oldest.flatten())?;
                 journal_stored(&mut batch, op, &r, now);
+                // An operator's command is durable when it answers.
+                operator |= matches!(
+                    (op, &r),
+                    (WriteOp::Retry { .. }, _)
+                        | (WriteOp::PruneAudit { .. }, Ok(WriteOutcome::Pruned(1..)))
+                );
                 changed |= matches!(
                     r,
                     Ok(WriteOutcome::Inserted(_)
@@ -1078,11 +1085,8 @@ impl Outbox {
                 results.push(r);
                 effects.push(effect);
             }
-            // An operator's command is durable when it answers; otherwise checkpoint on time,
-            // or when the batch does not fit in the journal.
-            checkpoint = ops
-                .iter()
-                .any(|op| matches!(op, WriteOp::Retry { .. } | WriteOp::PruneAudit { .. }))
+            // Otherwise checkpoint on time, or when the batch does not fit in the journal.
+            checkpoint = operator
                 || js.last_checkpoint.elapsed() >= self.checkpoint_interval()
                 || !js.journal.fits(batch.payload().len());
             if checkpoint {

@@ -224,9 +224,7 @@ fn run(
     while !stop {
         // Idle: make the last non-durable commits durable once the interval is over (see
         // `journal.rs`), so a quiet appliance has nothing to redo after a power cut.
-        let first = clock.block_on(async {
-            tokio::time::timeout(idle_tick, rx.recv()).await
-        });
+        let first = clock.block_on(async { tokio::time::timeout(idle_tick, rx.recv()).await });
         match first {
             Err(_idle) => {
                 if let Err(e) = outbox.checkpoint_if_due() {
