@@ -344,6 +344,12 @@ fn with_head(
     content
 }
 
+/// The value of `key` in `m`, found by comparing keys rather than hashing `key` (SipHash): the
+/// objects looked into here have a handful of keys.
+fn key_scan<'v>(m: &'v Map<String, Value>, key: &str) -> Option<&'v Value> {
+    m.iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v)
+}
+
 /// A unique id for repetition `idx` of a field of segment `seg`.
 fn rep_id(seg: usize, idx: usize) -> u64 {
     ((seg as u64) << 20) | (idx as u64 & 0xF_FFFF)
@@ -470,16 +476,18 @@ impl<'m> Runner<'_, 'm> {
                 return ids::resource_uuid(&parts);
             }
         }
-        let first_identifier = content
-            .get("identifier")
+        let first_identifier = key_scan(content, "identifier")
             .and_then(|v| match v {
                 Value::Array(a) => a.first(),
                 other => Some(other),
             })
-            .and_then(|i| {
-                let system = i.get("system")?.as_str()?;
-                let value = i.get("value")?.as_str()?;
-                Some((system, value))
+            .and_then(|i| match i {
+                Value::Object(m) => {
+                    let system = key_scan(m, "system")?.as_str()?;
+                    let value = key_scan(m, "value")?.as_str()?;
+                    Some((system, value))
+                }
+                _ => None,
             });
         match first_identifier {
             Some((system, value)) => {
