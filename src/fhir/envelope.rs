@@ -66,6 +66,8 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
             &h.control_id,
         ])
     };
+    // Formatted once: the envelope names the appliance five times.
+    let appliance = site.appliance_uri();
     let bundle_id = key("Bundle");
     let header_id = key("MessageHeader");
     let provenance_id = key("Provenance");
@@ -85,7 +87,7 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
     let mut mh = Map::new();
     mh.insert("resourceType".into(), json!("MessageHeader"));
     mh.insert("id".into(), json!(header_id.to_string()));
-    mh.insert("meta".into(), json!({ "source": site.appliance_uri() }));
+    mh.insert("meta".into(), json!({ "source": appliance }));
     mh.insert(
         "eventCoding".into(),
         json!({ "system": "http://terminology.hl7.org/CodeSystem/v2-0003", "code": h.message_type.trigger }),
@@ -103,7 +105,7 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
     }
     source.insert("software".into(), json!("hl7-edge"));
     source.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
-    source.insert("endpoint".into(), json!(site.appliance_uri()));
+    source.insert("endpoint".into(), json!(appliance));
     mh.insert("source".into(), Value::Object(source));
     let focus: Vec<Value> = mapped.focus.iter().filter_map(|i| reference(*i)).collect();
     if !focus.is_empty() {
@@ -120,7 +122,7 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
     let digest = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(input.raw_sha256);
     let mut agents = vec![json!({
         "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "assembler" }] },
-        "who": { "type": "Device", "identifier": { "system": "urn:ietf:rfc:3986", "value": site.appliance_uri() } }
+        "who": { "type": "Device", "identifier": { "system": "urn:ietf:rfc:3986", "value": appliance } }
     })];
     if let Some(s) = mapped.sender.and_then(reference) {
         agents.push(json!({
@@ -131,7 +133,7 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
     let provenance = json!({
         "resourceType": "Provenance",
         "id": provenance_id.to_string(),
-        "meta": { "source": site.appliance_uri() },
+        "meta": { "source": appliance },
         "target": targets,
         "recorded": received,
         "agent": agents,
@@ -162,7 +164,7 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
     let mut bundle = match json!({
         "resourceType": "Bundle",
         "id": bundle_id.to_string(),
-        "meta": { "source": site.appliance_uri() },
+        "meta": { "source": appliance },
         "identifier": { "system": site.local_system("message-id"), "value": h.control_id },
         "type": "message",
         "timestamp": timestamp,

@@ -25,7 +25,10 @@
 //!
 //! Without an escape character (`Separators::escape == None`) the text is returned unchanged.
 
+use std::borrow::Cow;
+
 use super::separators::Separators;
+use super::split::contains_char;
 
 /// Maximum repeat count honoured for `.sp` / `.sk` so a hostile value cannot balloon memory.
 const MAX_LAYOUT_REPEAT: usize = 16;
@@ -38,11 +41,22 @@ pub fn decode_escapes(
     seps: &Separators,
     encoding: &'static encoding_rs::Encoding,
 ) -> String {
+    decode_escapes_cow(raw, seps, encoding).into_owned()
+}
+
+/// [`decode_escapes`] that borrows `raw` when it has no escape character, which is nearly every
+/// value: the mapper reads hundreds of values per message and compares or copies most of them
+/// once, so a `String` per read was an allocation for nothing.
+pub fn decode_escapes_cow<'a>(
+    raw: &'a str,
+    seps: &Separators,
+    encoding: &'static encoding_rs::Encoding,
+) -> Cow<'a, str> {
     let Some(esc) = seps.escape else {
-        return raw.to_owned();
+        return Cow::Borrowed(raw);
     };
-    if !raw.contains(esc) {
-        return raw.to_owned();
+    if !contains_char(raw, esc) {
+        return Cow::Borrowed(raw);
     }
     let esc_len = esc.len_utf8();
     let mut out = String::with_capacity(raw.len());
@@ -53,7 +67,7 @@ pub fn decode_escapes(
         let Some(end) = after.find(esc) else {
             // Unterminated: keep the remainder literally.
             out.push_str(&rest[start..]);
-            return out;
+            return Cow::Owned(out);
         };
         let content = &after[..end];
         match expand(content, seps, encoding) {
@@ -72,7 +86,7 @@ pub fn decode_escapes(
         }
     }
     out.push_str(rest);
-    out
+    Cow::Owned(out)
 }
 
 enum Expansion {

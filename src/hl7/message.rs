@@ -13,6 +13,7 @@ use encoding_rs::Encoding;
 use super::escape::decode_escapes;
 use super::header::Header;
 use super::separators::Separators;
+use super::split::{nth_part, parts};
 
 /// One segment: its line of raw text and where each field lies in it.
 ///
@@ -89,7 +90,7 @@ impl Segment {
         match self.field_raw(n) {
             None | Some("") => Vec::new(),
             Some(raw) if self.is_delimiter_field(n) => vec![raw],
-            Some(raw) => raw.split(self.seps.repetition).collect(),
+            Some(raw) => parts(raw, self.seps.repetition).collect(),
         }
     }
 
@@ -125,11 +126,11 @@ pub fn component_of<'a>(
     comp: usize,
     sub: usize,
 ) -> Option<&'a str> {
-    let c = rep_raw.split(seps.component).nth(comp.checked_sub(1)?)?;
+    let c = nth_part(rep_raw, seps.component, comp.checked_sub(1)?)?;
     if sub == 0 {
         return Some(c);
     }
-    c.split(seps.subcomponent).nth(sub - 1)
+    nth_part(c, seps.subcomponent, sub - 1)
 }
 
 /// A parsed, validated HL7 v2 message (owned).
@@ -269,7 +270,7 @@ impl Message {
                 && p.subcomponent.unwrap_or(1) == 1;
             return whole.then_some(field);
         }
-        let rep = field.split(self.seps.repetition).nth(p.repetition - 1)?;
+        let rep = nth_part(field, self.seps.repetition, p.repetition - 1)?;
         match (p.component, p.subcomponent) {
             (None, _) => Some(rep),
             (Some(c), None) => component_of(&self.seps, rep, c, 0),

@@ -78,6 +78,7 @@ mod header;
 mod message;
 mod parse;
 mod separators;
+mod split;
 
 #[cfg(test)]
 mod tests;
@@ -85,8 +86,9 @@ mod tests;
 pub use ack::{AckCode, AckError, build_ack};
 pub use charset::{decode_to_utf8, encode_from_utf8};
 pub use error::{CharsetError, ErrorCode, ParseError};
-pub use escape::{decode_escapes, encode_escapes};
+pub use escape::{decode_escapes, decode_escapes_cow, encode_escapes};
 pub use header::{Header, MessageType, sniff_header};
 pub use message::{Message, Path, Segment, component_of};
 pub use parse::parse;
 pub use separators::Separators;
+pub use split::{contains_char, nth_part, parts};

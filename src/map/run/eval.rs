@@ -5,7 +5,9 @@ use serde_json::{Map, Value};
 use super::scope::{Cursor, RepFrame};
 use super::{PendingRef, REF_MARK, Runner, Val, rep_id, set};
 use crate::fhir::nhs;
-use crate::hl7::decode_escapes;
+use std::borrow::Cow;
+
+use crate::hl7::{decode_escapes_cow, nth_part, parts};
 use crate::map::path::{Hl7Path, RepSelect};
 use crate::map::plan::*;
 
@@ -29,13 +31,7 @@ impl<'m> Runner<'_, 'm> {
                 None => any |= self.rule(rule, cur, obj)?,
                 Some(Iter::Reps(p, key)) => {
                     for (seg, idx, raw) in self.reps(p, cur) {
-                        let frame = RepFrame {
-                            raw,
-                            seg,
-                            key: *key,
-                            id: rep_id(seg, idx),
-                            up: cur.rep,
-                        };
+                        let frame = RepFrame::new(raw, seg, *key, rep_id(seg, idx), cur.rep);
                         let c = Cursor {
                             groups: cur.groups,
                             rep: Some(&frame),
@@ -313,7 +309,7 @@ impl<'m> Runner<'_, 'm> {
                     }
                 }
                 TplPart::Path(p) => {
-                    if let Some(v) = self.scalar(p, cur) {
+                    if let Some(v) = self.scalar_ref(p, cur) {
                         s.push_str(&v);
                         msg = true;
                     }
@@ -323,13 +319,17 @@ impl<'m> Runner<'_, 'm> {
         (s, msg)
     }
 
-    pub(super) fn operand(&mut self, o: &Operand, cur: &Cursor<'_>) -> Option<String> {
+    /// An operand's text; borrowed from the message where it can be (conditions only compare).
+    pub(super) fn operand<'c>(&mut self, o: &Operand, cur: &Cursor<'c>) -> Option<Cow<'c, str>>
+    where
+        'm: 'c,
+    {
         match o {
-            Operand::Path(p) => self.scalar(p, cur),
+            Operand::Path(p) => self.scalar_ref(p, cur),
             Operand::Var(slot) => self
                 .vars
                 .get(*slot)
-                .and_then(|v| v.as_ref().map(|v| v.text.clone())),
+                .and_then(|v| v.as_ref().map(|v| Cow::Owned(v.text.clone()))),
         }
     }
 
@@ -359,8 +359,8 @@ impl<'m> Runner<'_, 'm> {
                 match test {
                     Test::Exists(e) => v.is_some() == *e,
                     Test::Equals(x) => v.as_deref() == Some(x.as_str()),
-                    Test::In(xs) => v.is_some_and(|v| xs.contains(&v)),
-                    Test::NotIn(xs) => v.is_none_or(|v| !xs.contains(&v)),
+                    Test::In(xs) => v.is_some_and(|v| xs.iter().any(|x| *x == v)),
+                    Test::NotIn(xs) => v.is_none_or(|v| !xs.iter().any(|x| *x == v)),
                     Test::StartsWith(x) => v.is_some_and(|v| v.starts_with(x.as_str())),
                     Test::InMap(i) => v.is_some_and(|v| {
                         self.plan
@@ -433,8 +433,8 @@ impl<'m> Runner<'_, 'm> {
                                 *component,
                                 *sub,
                             );
-                            let c = decode_escapes(c, seps, self.cx.encoding);
-                            values.contains(&c) != *negate
+                            let c = decode_escapes_cow(c, seps, self.cx.encoding);
+                            values.iter().any(|v| *v == c) != *negate
                         })
                         .map(|(i, r)| (si, i, r))
                         .collect(),
@@ -467,7 +467,7 @@ impl<'m> Runner<'_, 'm> {
         if raw.is_empty() {
             return None;
         }
-        let mut all = raw.split(seps.repetition);
+        let mut all = parts(raw, seps.repetition);
         match rep {
             RepSelect::First | RepSelect::All => all.next(),
             RepSelect::Index(n) => all.nth(n.saturating_sub(1)),
@@ -478,19 +478,29 @@ impl<'m> Runner<'_, 'm> {
                 negate,
             } => all.find(|r| {
                 let c = component_of(r, seps.component, seps.subcomponent, *component, *sub);
-                let c = decode_escapes(c, seps, self.cx.encoding);
-                values.contains(&c) != *negate
+                let c = decode_escapes_cow(c, seps, self.cx.encoding);
+                values.iter().any(|v| *v == c) != *negate
             }),
         }
     }
 
     /// The decoded scalar a path points at, or None when absent, empty or `""`.
     pub(super) fn scalar(&mut self, p: &Hl7Path, cur: &Cursor<'_>) -> Option<String> {
+        self.scalar_ref(p, cur).map(Cow::into_owned)
+    }
+
+    /// [`Self::scalar`], borrowed from the message when it has no escapes (most values): a
+    /// condition or a template only reads it.
+    pub(super) fn scalar_ref<'c>(&mut self, p: &Hl7Path, cur: &Cursor<'c>) -> Option<Cow<'c, str>>
+    where
+        'm: 'c,
+    {
         let seps = *self.msg.separators();
-        let (rep, component, sub) = match p {
+        let raw = match p {
             Hl7Path::Relative { component, sub } => {
                 let f = cur.rep?;
-                (f.raw, *component, sub.unwrap_or(1))
+                let comp = f.component(seps.component, *component).unwrap_or("");
+                nth_part(comp, seps.subcomponent, sub.unwrap_or(1).saturating_sub(1)).unwrap_or("")
             }
             Hl7Path::Absolute {
                 segment,
@@ -508,19 +518,24 @@ impl<'m> Runner<'_, 'm> {
                         .segments()
                         .get(si)?
                         .field_raw(*field)
-                        .map(str::to_string)
-                        .filter(|s| !s.is_empty());
+                        .filter(|s| !s.is_empty())
+                        .map(Cow::Borrowed);
                 }
                 let first = self.first_rep(p, cur)?;
-                (first, component.unwrap_or(1), sub.unwrap_or(1))
+                component_of(
+                    first,
+                    seps.component,
+                    seps.subcomponent,
+                    component.unwrap_or(1),
+                    sub.unwrap_or(1),
+                )
             }
             Hl7Path::Absolute { field: None, .. } => return None,
         };
-        let raw = component_of(rep, seps.component, seps.subcomponent, component, sub);
         if raw.is_empty() || raw == "\"\"" {
             return None;
         }
-        let text = decode_escapes(raw, &seps, self.cx.encoding);
+        let text = decode_escapes_cow(raw, &seps, self.cx.encoding);
         if text.trim().is_empty() {
             None
         } else {
@@ -529,8 +544,8 @@ impl<'m> Runner<'_, 'm> {
     }
 }
 
-/// Component `c`, subcomponent `s` (1-based) of a raw repetition.
+/// Component `c`, subcomponent `s` (1-based) of a raw repetition; `""` when absent.
 fn component_of(rep: &str, comp_sep: char, sub_sep: char, c: usize, s: usize) -> &str {
-    let comp = rep.split(comp_sep).nth(c.saturating_sub(1)).unwrap_or("");
-    comp.split(sub_sep).nth(s.saturating_sub(1)).unwrap_or("")
+    let comp = nth_part(rep, comp_sep, c.saturating_sub(1)).unwrap_or("");
+    nth_part(comp, sub_sep, s.saturating_sub(1)).unwrap_or("")
 }

@@ -11,7 +11,10 @@
 //! from elsewhere in the message). Segments no enclosing group claims are read from the whole
 //! message.
 
+use std::cell::OnceCell;
+
 use super::Runner;
+use crate::hl7::parts;
 
 /// One instance of a group.
 #[derive(Debug, Clone)]
@@ -32,6 +35,39 @@ pub(crate) struct RepFrame<'c> {
     pub key: u32,
     pub id: u64,
     pub up: Option<&'c RepFrame<'c>>,
+    /// Byte ranges of the components of `raw`, found on the first relative read: a datatype
+    /// map reads ~10 components of each repetition (`.1` to `.13`), and finding each one by
+    /// scanning from the start was the largest cost of mapping.
+    comps: OnceCell<Vec<(usize, usize)>>,
+}
+
+impl<'c> RepFrame<'c> {
+    pub fn new(raw: &'c str, seg: usize, key: u32, id: u64, up: Option<&'c RepFrame<'c>>) -> Self {
+        RepFrame {
+            raw,
+            seg,
+            key,
+            id,
+            up,
+            comps: OnceCell::new(),
+        }
+    }
+
+    /// Component `c` (1-based) of the repetition, split on `sep`; `None` when absent.
+    pub fn component(&self, sep: char, c: usize) -> Option<&'c str> {
+        let comps = self.comps.get_or_init(|| {
+            let mut out = Vec::with_capacity(8);
+            let mut start = 0;
+            for part in parts(self.raw, sep) {
+                out.push((start, start + part.len()));
+                start += part.len() + sep.len_utf8();
+            }
+            out
+        });
+        let &(a, b) = comps.get(c.saturating_sub(1))?;
+        let raw: &'c str = self.raw;
+        raw.get(a..b)
+    }
 }
 
 /// What a rule is inside.

@@ -50,18 +50,18 @@ pub(super) fn set_path(
     };
     let mut here = obj;
     for step in init {
-        // Look up before inserting: an `entry` would allocate the key on every write.
-        if !here.contains_key(&step.name) {
-            here.insert(
-                step.name.clone(),
-                match step.index {
-                    Index::None => Value::Object(Map::new()),
-                    _ => Value::Array(Vec::new()),
-                },
-            );
-        }
-        let Some(slot) = here.get_mut(&step.name) else {
-            return Ok(None);
+        // Look up before inserting: an `entry` would allocate the key on every write. A new key
+        // goes through `entry`, so it is hashed twice rather than three times (insert, get).
+        let slot = if here.contains_key(&step.name) {
+            let Some(slot) = here.get_mut(&step.name) else {
+                return Ok(None);
+            };
+            slot
+        } else {
+            here.entry(step.name.clone()).or_insert(match step.index {
+                Index::None => Value::Object(Map::new()),
+                _ => Value::Array(Vec::new()),
+            })
         };
         let next = match (step.index, slot) {
             (Index::None, Value::Object(m)) => {
@@ -118,11 +118,14 @@ pub(super) fn set_path(
             here.insert(last.name.clone(), value);
         }
         idx => {
-            if !here.contains_key(&last.name) {
-                here.insert(last.name.clone(), Value::Array(Vec::new()));
-            }
-            let Some(slot) = here.get_mut(&last.name) else {
-                return Ok(None);
+            let slot = if here.contains_key(&last.name) {
+                let Some(slot) = here.get_mut(&last.name) else {
+                    return Ok(None);
+                };
+                slot
+            } else {
+                here.entry(last.name.clone())
+                    .or_insert(Value::Array(Vec::new()))
             };
             let Value::Array(a) = slot else {
                 return Err(conflict(
@@ -153,12 +156,16 @@ pub(super) fn set_path(
 }
 
 /// The pending reference a placeholder stands for.
+///
+/// Called on every element of every resource: the key is found by a scan rather than
+/// `Value::get`, which hashes `"reference"` (SipHash) for each object, and a FHIR element has
+/// only a handful of keys.
 fn placeholder(v: &Value) -> Option<usize> {
-    v.get("reference")?
-        .as_str()?
-        .strip_prefix(REF_MARK)?
-        .parse()
-        .ok()
+    let Value::Object(m) = v else {
+        return None;
+    };
+    let (_, r) = m.iter().find(|(k, _)| k.as_str() == "reference")?;
+    r.as_str()?.strip_prefix(REF_MARK)?.parse().ok()
 }
 
 /// Replaces reference placeholders by `urn:uuid:`s: a list element stands for every resolved
@@ -179,7 +186,19 @@ fn resolve_one(v: &mut Value, resolved: &[Vec<&str>]) {
         }
         return;
     }
+    resolve_inside(v, resolved);
+}
+
+/// [`resolve_one`] for the elements of `v`, which is not itself a placeholder.
+fn resolve_inside(v: &mut Value, resolved: &[Vec<&str>]) {
     match v {
+        // Rebuilt only when a placeholder is a direct element (it may expand to several); else
+        // each element is known not to be one, so it is not checked again.
+        Value::Array(a) if !a.iter().any(|item| placeholder(item).is_some()) => {
+            for item in a.iter_mut() {
+                resolve_inside(item, resolved);
+            }
+        }
         Value::Array(a) => {
             let mut out = Vec::with_capacity(a.len());
             for mut item in a.drain(..) {
@@ -193,7 +212,7 @@ fn resolve_one(v: &mut Value, resolved: &[Vec<&str>]) {
                     }
                     Some(None) => {}
                     None => {
-                        resolve_one(&mut item, resolved);
+                        resolve_inside(&mut item, resolved);
                         out.push(item);
                     }
                 }
