@@ -48,10 +48,14 @@
 //!
 //! # Durability
 //!
-//! redb commits with `Durability::Immediate` (its default): `commit()` returns after the data
-//! and the new root are fsynced, and a torn write leaves the previous commit intact. Ids,
-//! byte counters and per-state counts live in the same transaction as the records, so they are
-//! never out of step after a crash.
+//! An insert is durable when the writer answers, but not through a full redb commit per batch:
+//! batches commit to redb non-durably and the messages they stored are appended to the intake
+//! journal with one `fdatasync` (`journal.rs` says why and how); a durable redb commit (a
+//! checkpoint) follows at most [`OutboxLimits::checkpoint_interval_ms`] later, at an operator's
+//! command and at shutdown. After a crash, redb opens at its last checkpoint, where ids, byte
+//! counters and per-state counts are in step with the records (same transactions), and
+//! [`Outbox::open`] stores the journal's messages again under their ids. What a crash undoes
+//! besides is only work the pipeline redoes from the records' states (mapping, publishing).
 //!
 //! # Duplicates window
 //!
@@ -60,7 +64,7 @@
 //!
 //! # Why one writer
 //!
-//! redb allows one write transaction at a time and each durable commit costs an fsync. One
+//! redb allows one write transaction at a time and making a batch durable costs an fsync. One
 //! writer thread ([`Writer`]) draining a bounded queue turns N concurrent inserts into one
 //! transaction and one fsync (group commit), gives back-pressure when the disk is slow, and
 //! answers each caller only after the commit that holds its operation. Readers use MVCC

@@ -3,9 +3,10 @@
 //! A durable commit costs an fsync (milliseconds on an appliance SSD, worse on SD cards), and
 //! redb serialises write transactions anyway. So instead of every ingest connection opening its
 //! own transaction, one dedicated thread owns all writes: it takes everything queued on a bounded
-//! channel (up to a batch cap), applies it in ONE write transaction, commits durably, and only
-//! then answers each caller through its oneshot. With many senders, N messages cost one fsync,
-//! and a caller never hears "stored" before its bytes are on disk.
+//! channel (up to a batch cap), applies it in ONE write transaction, makes it durable (one
+//! journal fsync, or a checkpoint: see `journal.rs`), and only then answers each caller through
+//! its oneshot. With many senders, N messages cost one fsync, and a caller never hears "stored"
+//! before its bytes are on disk. When idle, it checkpoints once the interval is over.
 //!
 //! A dedicated OS thread (not a tokio worker) runs the redb work because commits block on disk
 //! I/O; the bounded channel gives back-pressure to ingest when the disk cannot keep up.
