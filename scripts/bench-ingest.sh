@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ingest benchmark on this machine: ACK rate and ACK latency of the release daemon (durable group
-# commit, mapping and MQTT forwarding running at the same time, as in production) over 1, 8 and 64
-# MLLP connections, then the same load against python-hl7's asyncio ACK server as a reference
+# commit through the intake journal, mapping and MQTT forwarding running at the same time, as in
+# production) over 1, 8 and 64 MLLP connections, then the same load against python-hl7's asyncio ACK server as a reference
 # (parse + ACK only: no storage, no fsync).
 #   ./scripts/bench-ingest.sh [N] [C...]   (default N = 20000 messages per run, C = 1 8 64)
 # HL7EDGE_BIN=path compares another build of the daemon.
@@ -29,7 +29,7 @@ broker=$!
 wait_port "$mport"
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r); state dir on $(df -T "$work" | awk 'NR==2 {print $2}')"
-echo "== hl7-edge (durable commit before each ACK; mapping, signing and MQTT forwarding running)"
+echo "== hl7-edge (each ACK after the message is on disk; mapping, signing and MQTT forwarding running)"
 for c in $CONNS; do
   lport=$(free_port)
   mkdir -p "$work/$c/adapters"
