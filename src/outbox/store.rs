@@ -420,6 +420,22 @@ struct JournalState {
     dirty: bool,
 }
 
+impl JournalState {
+    /// A durable commit that set the journal epoch to `epoch` has just returned: everything is
+    /// in redb, and the journal starts again from its beginning.
+    fn checkpointed(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        self.journal.restart(self.instance, epoch);
+        self.last_checkpoint = Instant::now();
+        self.dirty = false;
+    }
+
+    /// [`Self::checkpointed`] with the next epoch (the one the commit wrote).
+    fn advance(&mut self) {
+        self.checkpointed(self.epoch + 1);
+    }
+}
+
 /// What a committed op changed, applied to the in-memory counters after the commit.
 enum Effect {
     None,
@@ -564,11 +580,8 @@ impl Outbox {
         };
         txn.commit()
             .map_err(self.storage("commit journal recovery"))?;
-        js.journal.restart(instance, epoch);
         js.instance = instance;
-        js.epoch = epoch;
-        js.last_checkpoint = Instant::now();
-        js.dirty = false;
+        js.checkpointed(epoch);
         if replayed > 0 {
             tracing::info!(
                 path = %self.inner.path.display(),
@@ -652,10 +665,7 @@ impl Outbox {
         }
         txn.commit().map_err(self.storage("commit checkpoint"))?;
         self.inner.commits.fetch_add(1, Ordering::Relaxed);
-        js.epoch += 1;
-        js.journal.restart(js.instance, js.epoch);
-        js.last_checkpoint = Instant::now();
-        js.dirty = false;
+        js.advance();
         Ok(())
     }
 
@@ -1097,12 +1107,7 @@ impl Outbox {
         }
         if checkpoint {
             txn.commit().map_err(self.storage("commit write batch"))?;
-            js.epoch += 1;
-            let instance = js.instance;
-            let epoch = js.epoch;
-            js.journal.restart(instance, epoch);
-            js.last_checkpoint = Instant::now();
-            js.dirty = false;
+            js.advance();
         } else {
             txn.set_durability(Durability::None)
                 .map_err(self.storage("set durability"))?;
