@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 
+use super::node::Node;
 use super::{RunContext, Runner};
 use crate::fhir::{nhs, time};
 use crate::map::plan::{Convert, Func, Plan, RulePlan};
@@ -74,7 +75,7 @@ fn hl7_time(t: &str) -> Option<String> {
 }
 
 impl Runner<'_, '_> {
-    pub(super) fn convert(&mut self, rule: &RulePlan, text: String) -> Option<Value> {
+    pub(super) fn convert<'p>(&mut self, rule: &RulePlan, text: String) -> Option<Node<'p>> {
         let policy = self.cx.clock_change;
         let origin = &rule.origin;
         let mut warn = |what: &str| {
@@ -82,16 +83,16 @@ impl Runner<'_, '_> {
                 .push(format!("{origin}: {what}; the element was left out"));
         };
         match rule.convert {
-            Convert::String | Convert::None => Some(Value::String(text)),
+            Convert::String | Convert::None => Some(Node::Str(text)),
             Convert::Date => match time::hl7_to_fhir_date(&text) {
-                Ok(d) => Some(Value::String(d)),
+                Ok(d) => Some(Node::Str(d)),
                 Err(e) => {
                     warn(&format!("not a date ({e})"));
                     None
                 }
             },
             Convert::Time => match hl7_time(&text) {
-                Some(t) => Some(Value::String(t)),
+                Some(t) => Some(Node::Str(t)),
                 None => {
                     warn("not a time (HHMM[SS[.S]])");
                     None
@@ -112,7 +113,7 @@ impl Runner<'_, '_> {
                                 flag.code()
                             ));
                         }
-                        Some(Value::String(dt.value))
+                        Some(Node::Str(dt.value))
                     }
                     Err(e @ (time::TimeError::Ambiguous | time::TimeError::Nonexistent)) => {
                         if self.refused.is_none() {
@@ -131,15 +132,15 @@ impl Runner<'_, '_> {
                 }
             }
             Convert::Boolean => match text.trim().to_ascii_uppercase().as_str() {
-                "Y" | "YES" | "TRUE" | "T" | "1" => Some(Value::Bool(true)),
-                "N" | "NO" | "FALSE" | "F" | "0" => Some(Value::Bool(false)),
+                "Y" | "YES" | "TRUE" | "T" | "1" => Some(Node::Leaf(Value::Bool(true))),
+                "N" | "NO" | "FALSE" | "F" | "0" => Some(Node::Leaf(Value::Bool(false))),
                 _ => {
                     warn("not a boolean (Y/N)");
                     None
                 }
             },
             Convert::Integer => match text.trim().parse::<i64>() {
-                Ok(i) => Some(Value::from(i)),
+                Ok(i) => Some(Node::Leaf(Value::from(i))),
                 Err(_) => {
                     warn("not an integer");
                     None
@@ -157,7 +158,7 @@ impl Runner<'_, '_> {
                     && !digits.ends_with('.');
                 let t = t.trim_start_matches('+');
                 match (looks_decimal, serde_json::from_str::<serde_json::Number>(t)) {
-                    (true, Ok(n)) => Some(Value::Number(n)),
+                    (true, Ok(n)) => Some(Node::Leaf(Value::Number(n))),
                     _ => {
                         warn("not a decimal");
                         None
@@ -165,7 +166,7 @@ impl Runner<'_, '_> {
                 }
             }
             Convert::NhsNumber => match nhs::normalise_nhs_number(&text) {
-                Some(n) if nhs::is_valid_nhs_number(&n) => Some(Value::String(n)),
+                Some(n) if nhs::is_valid_nhs_number(&n) => Some(Node::Str(n)),
                 _ => {
                     warn("an NHS number fails the modulus 11 check");
                     None

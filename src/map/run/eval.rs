@@ -1,9 +1,8 @@
 //! Evaluating rules, values, conditions and HL7 paths against one message.
 
-use serde_json::{Map, Value};
-
 use super::scope::{Cursor, RepFrame};
-use super::{PendingRef, REF_MARK, Runner, Val, rep_id, set};
+use super::node::{Node, Obj};
+use super::{PendingRef, Runner, Val, rep_id, set};
 use crate::fhir::nhs;
 use std::borrow::Cow;
 
@@ -12,18 +11,18 @@ use crate::map::path::{Hl7Path, RepSelect};
 use crate::map::plan::*;
 
 /// A rule's result before it is written.
-enum Out {
+enum Out<'p> {
     Text(String),
-    Json(Value),
+    Node(Node<'p>),
 }
 
-impl<'m> Runner<'_, 'm> {
+impl<'a, 'm> Runner<'a, 'm> {
     /// Applies `rules` into `obj`; true if a message-derived value landed.
     pub(super) fn rules(
         &mut self,
-        rules: &[RulePlan],
+        rules: &'a [RulePlan],
         cur: &Cursor<'_>,
-        obj: &mut Map<String, Value>,
+        obj: &mut Obj<'a>,
     ) -> Result<bool, super::RunError> {
         let mut any = false;
         for rule in rules {
@@ -57,9 +56,9 @@ impl<'m> Runner<'_, 'm> {
 
     fn rule(
         &mut self,
-        rule: &RulePlan,
+        rule: &'a RulePlan,
         cur: &Cursor<'_>,
-        obj: &mut Map<String, Value>,
+        obj: &mut Obj<'a>,
     ) -> Result<bool, super::RunError> {
         if let Some(c) = &rule.when
             && !self.cond(c, cur)
@@ -75,16 +74,13 @@ impl<'m> Runner<'_, 'm> {
                     scope: self.scope_of(cur),
                     all: *all,
                 });
-                let mut m = Map::new();
-                m.insert(
-                    "reference".into(),
-                    Value::String(format!("{REF_MARK}{idx}")),
-                );
-                (Value::Object(m), true, None)
+                let mut m = Obj::new();
+                m.insert("reference", Node::Ref(idx));
+                (Node::Obj(m), true, None)
             }
             Source::Object(children) => {
                 let mark = self.trace.as_ref().map(|t| t.elements.len());
-                let mut child = Map::new();
+                let mut child = Obj::new();
                 let from_message = self.rules(children, cur, &mut child)?;
                 if !from_message && !rule.always {
                     if let (Some(t), Some(m)) = (&mut self.trace, mark) {
@@ -92,14 +88,14 @@ impl<'m> Runner<'_, 'm> {
                     }
                     return Ok(false);
                 }
-                (Value::Object(child), from_message, mark)
+                (Node::Obj(child), from_message, mark)
             }
             Source::Scalar(spec) => {
                 let Some((out, from_message)) = self.value(spec, cur, rule) else {
                     return Ok(false);
                 };
                 let v = match out {
-                    Out::Json(v) => v,
+                    Out::Node(v) => v,
                     Out::Text(t) => match self.convert(rule, t) {
                         Some(v) => v,
                         None => return Ok(false),
@@ -195,7 +191,7 @@ impl<'m> Runner<'_, 'm> {
         spec: &ValueSpec,
         cur: &Cursor<'_>,
         rule: &RulePlan,
-    ) -> Option<(Out, bool)> {
+    ) -> Option<(Out<'a>, bool)> {
         let (text, from_message) = self.raw_value(spec, cur)?;
         let Some(l) = spec.lookup else {
             return Some((Out::Text(text), from_message));
@@ -208,15 +204,15 @@ impl<'m> Runner<'_, 'm> {
                 .filter(|s| !s.is_empty())
         };
         let coding = |system: Option<String>, code: &str, display: Option<&String>| {
-            let mut m = Map::new();
+            let mut m = Obj::new();
             if let Some(s) = system {
-                m.insert("system".into(), Value::String(s));
+                m.insert("system", Node::Str(s));
             }
-            m.insert("code".into(), Value::String(code.to_string()));
+            m.insert("code", Node::Str(code.to_string()));
             if let Some(d) = display {
-                m.insert("display".into(), Value::String(d.clone()));
+                m.insert("display", Node::Str(d.clone()));
             }
-            Value::Object(m)
+            Node::Obj(m)
         };
         let missing = |me: &mut Self| {
             me.warnings.push(format!(
@@ -236,11 +232,11 @@ impl<'m> Runner<'_, 'm> {
                 let source_system = render(&vm.source_system, self);
                 match (hit, source_system) {
                     (Some((v, true)), _) | (Some((v, false)), None) => {
-                        Out::Json(coding(render(&vm.system, self), v, vm.display.get(v)))
+                        Out::Node(coding(render(&vm.system, self), v, vm.display.get(v)))
                     }
                     // Not in the table: the original code in its own system, never a guess.
                     (Some((_, false)), Some(src)) | (None, Some(src)) => {
-                        Out::Json(coding(Some(src), &text, None))
+                        Out::Node(coding(Some(src), &text, None))
                     }
                     (None, None) => {
                         missing(self);
@@ -260,9 +256,9 @@ impl<'m> Runner<'_, 'm> {
                     missing(self);
                     return None;
                 }
-                let mut m = Map::new();
-                m.insert("coding".into(), Value::Array(codings));
-                Out::Json(Value::Object(m))
+                let mut m = Obj::new();
+                m.insert("coding", Node::Arr(codings));
+                Out::Node(Node::Obj(m))
             }
         };
         Some((out, from_message))

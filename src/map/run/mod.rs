@@ -18,6 +18,7 @@
 
 mod convert;
 mod eval;
+mod node;
 mod scope;
 mod set;
 
@@ -25,6 +26,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
+
+use node::{Node, Obj};
 
 use super::plan::*;
 use crate::config::SiteConfig;
@@ -123,8 +126,6 @@ struct Trace {
     elements: Vec<(String, Arc<str>)>,
 }
 
-pub(crate) const REF_MARK: &str = "\u{1}ref:";
-
 pub(crate) struct Runner<'a, 'm> {
     msg: &'m Message,
     cx: &'a RunContext<'a>,
@@ -146,13 +147,16 @@ pub(crate) struct Runner<'a, 'm> {
     keyed: HashMap<uuid::Uuid, usize>,
 }
 
-struct Built {
+struct Built<'p> {
     plan_index: usize,
     /// Whether the resource holds reference placeholders (most resources of a message have
     /// none to resolve, and walking them all was ~7% of mapping).
     has_refs: bool,
     scope: ScopeIds,
-    resource: BuiltResource,
+    name: &'p str,
+    resource_type: &'p str,
+    id: uuid::Uuid,
+    json: Obj<'p>,
     trace: Vec<(String, Arc<str>)>,
 }
 
@@ -225,7 +229,7 @@ pub fn run(
     // Resolve references now that every id is known; drop those whose target was not produced.
     let targets: Vec<(usize, ScopeIds, String)> = built
         .iter()
-        .map(|b| (b.plan_index, b.scope.clone(), ids::urn(&b.resource.id)))
+        .map(|b| (b.plan_index, b.scope.clone(), ids::urn(&b.id)))
         .collect();
     let resolved: Vec<Vec<&str>> = r
         .pending
@@ -243,13 +247,13 @@ pub fn run(
         })
         .collect();
     for b in &mut built {
-        let mut v = Value::Object(std::mem::take(&mut b.resource.json));
+        let mut v = Node::Obj(std::mem::take(&mut b.json));
         if b.has_refs {
             set::resolve_refs(&mut v, &resolved);
         }
-        set::prune(&mut v);
-        if let Value::Object(m) = v {
-            b.resource.json = m;
+        node::prune(&mut v);
+        if let Node::Obj(m) = v {
+            b.json = m;
         }
     }
 
@@ -259,20 +263,20 @@ pub fn run(
     // One entry per id: a resource built again with the same id (the same ordering clinician on
     // every OBR, keyed by the same identifier) is the same resource; references to it already
     // carry that id. A later copy that differs is dropped with a warning (no values in it).
-    let mut seen: HashMap<uuid::Uuid, usize> = HashMap::new();
+    let mut seen: HashMap<uuid::Uuid, usize> = HashMap::with_capacity(built.len());
     let mut kept: Vec<Built> = Vec::with_capacity(built.len());
     for b in built {
-        match seen.get(&b.resource.id) {
+        match seen.get(&b.id) {
             Some(&k) => {
-                if kept[k].resource.json != b.resource.json {
+                if kept[k].json != b.json {
                     r.warnings.push(format!(
                         "resource `{}` ({}): two instances share an id but differ; the first is kept",
-                        b.resource.name, b.resource.resource_type
+                        b.name, b.resource_type
                     ));
                 }
             }
             None => {
-                seen.insert(b.resource.id, kept.len());
+                seen.insert(b.id, kept.len());
                 kept.push(b);
             }
         }
@@ -289,7 +293,15 @@ pub fn run(
     let sender = mp.sender.and_then(first_of);
     let explain = r.trace.take().map(|t| r.explanation(t, &built));
     Ok(MapResult {
-        resources: built.into_iter().map(|b| b.resource).collect(),
+        resources: built
+            .into_iter()
+            .map(|b| BuiltResource {
+                name: b.name.to_string(),
+                resource_type: b.resource_type.to_string(),
+                id: b.id,
+                json: b.json.into_map(),
+            })
+            .collect(),
         focus,
         sender,
         warnings: r.warnings,
@@ -319,35 +331,23 @@ fn unmapped_segments(mp: &MessagePlan, msg: &Message) -> Vec<(String, usize)> {
     out
 }
 
-/// `resourceType`, `id` and `meta`, then `content` in its order.
-///
-/// The three are put in front of `content` rather than `content` being moved into a new map:
-/// that re-hashed (SipHash) every key of every resource. A mapping that sets `id` or
-/// `resourceType` itself keeps the old way, where its value replaces the generated one in place.
-fn with_head(
-    mut content: Map<String, Value>,
-    resource_type: Value,
-    id: Value,
-    meta: Value,
-) -> Map<String, Value> {
-    if content.keys().any(|k| k == "resourceType" || k == "id") {
-        let mut json = Map::with_capacity(content.len() + 3);
-        json.insert("resourceType".into(), resource_type);
-        json.insert("id".into(), id);
-        json.insert("meta".into(), meta);
-        json.extend(content);
-        return json;
+/// `resourceType`, `id` and `meta`, then `content` in its order. A mapping that sets `id` or
+/// `resourceType` itself keeps its value, where the generated one would be.
+fn with_head<'p>(
+    mut content: Obj<'p>,
+    resource_type: Node<'p>,
+    id: Node<'p>,
+    meta: Node<'p>,
+) -> Obj<'p> {
+    for (at, key, generated) in [
+        (0, "resourceType", resource_type),
+        (1, "id", id),
+        (2, "meta", meta),
+    ] {
+        let value = content.remove(key).unwrap_or(generated);
+        content.insert_at(at, key, value);
     }
-    content.shift_insert(0, "resourceType".into(), resource_type);
-    content.shift_insert(1, "id".into(), id);
-    content.shift_insert(2, "meta".into(), meta);
     content
-}
-
-/// The value of `key` in `m`, found by comparing keys rather than hashing `key` (SipHash): the
-/// objects looked into here have a handful of keys.
-fn key_scan<'v>(m: &'v Map<String, Value>, key: &str) -> Option<&'v Value> {
-    m.iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v)
 }
 
 /// A unique id for repetition `idx` of a field of segment `seg`.
@@ -355,15 +355,15 @@ fn rep_id(seg: usize, idx: usize) -> u64 {
     ((seg as u64) << 20) | (idx as u64 & 0xF_FFFF)
 }
 
-impl<'m> Runner<'_, 'm> {
+impl<'a, 'm> Runner<'a, 'm> {
     /// Builds one instance of a resource (if its conditions hold and the message gave it data).
     fn instance(
         &mut self,
         ri: usize,
-        rp: &ResourcePlan,
+        rp: &'a ResourcePlan,
         cur: &Cursor<'_>,
         occ: usize,
-        built: &mut Vec<Built>,
+        built: &mut Vec<Built<'a>>,
     ) -> Result<(), RunError> {
         for v in &rp.vars {
             let val = self.text(&v.value, cur, &rp.origin);
@@ -379,7 +379,7 @@ impl<'m> Runner<'_, 'm> {
         let mark = self.trace.as_ref().map(|t| t.elements.len());
         let pending_before = self.pending.len();
         self.flags.clear();
-        let mut content = Map::new();
+        let mut content = Obj::new();
         let mut any = false;
         if let Some(body) = &rp.body {
             any |= self.rules(body, cur, &mut content)?;
@@ -394,18 +394,15 @@ impl<'m> Runner<'_, 'm> {
         }
         let id = self.resource_id(rp, cur, &content, occ);
         let mut meta = match content.remove("meta") {
-            Some(Value::Object(m)) => m,
-            _ => Map::new(),
+            Some(Node::Obj(m)) => m,
+            _ => Obj::new(),
         };
-        if let Some(p) = &rp.profile {
-            let profiles = meta
-                .entry("profile")
-                .or_insert_with(|| Value::Array(Vec::new()));
-            if let Value::Array(a) = profiles {
-                a.insert(0, Value::String(p.clone()));
-            }
+        if let Some(p) = &rp.profile
+            && let Node::Arr(a) = meta.entry("profile", || Node::Arr(Vec::new()))
+        {
+            a.insert(0, Node::Str(p.clone()));
         }
-        meta.insert("source".into(), Value::String(self.appliance_uri.clone()));
+        meta.insert("source", Node::Str(self.appliance_uri.clone()));
         if !self.flags.is_empty() {
             self.flags.sort_unstable_by_key(|f| f.code());
             self.flags.dedup();
@@ -414,35 +411,30 @@ impl<'m> Runner<'_, 'm> {
                 self.cx.site.identifier_base.trim_end_matches('/'),
                 crate::fhir::time::FLAG_CODE_SYSTEM_PATH
             );
-            let tags = meta
-                .entry("tag")
-                .or_insert_with(|| Value::Array(Vec::new()));
-            if let Value::Array(a) = tags {
+            if let Node::Arr(a) = meta.entry("tag", || Node::Arr(Vec::new())) {
                 for f in self.flags.drain(..) {
-                    let mut t = Map::new();
-                    t.insert("system".into(), Value::String(system.clone()));
-                    t.insert("code".into(), Value::String(f.code().into()));
-                    t.insert("display".into(), Value::String(f.display().into()));
-                    a.push(Value::Object(t));
+                    let mut t = Obj::new();
+                    t.insert("system", Node::Str(system.clone()));
+                    t.insert("code", Node::Str(f.code().into()));
+                    t.insert("display", Node::Str(f.display().into()));
+                    a.push(Node::Obj(t));
                 }
             }
         }
         let json = with_head(
             content,
-            Value::String(rp.resource_type.clone()),
-            Value::String(id.to_string()),
-            Value::Object(meta),
+            Node::Str(rp.resource_type.clone()),
+            Node::Str(id.to_string()),
+            Node::Obj(meta),
         );
         built.push(Built {
             plan_index: ri,
             has_refs: self.pending.len() > pending_before,
             scope: self.scope_of(cur),
-            resource: BuiltResource {
-                name: rp.name.clone(),
-                resource_type: rp.resource_type.clone(),
-                id,
-                json,
-            },
+            name: &rp.name,
+            resource_type: &rp.resource_type,
+            id,
+            json,
             trace,
         });
         Ok(())
@@ -452,7 +444,7 @@ impl<'m> Runner<'_, 'm> {
         &mut self,
         rp: &ResourcePlan,
         cur: &Cursor<'_>,
-        content: &Map<String, Value>,
+        content: &Obj<'_>,
         occ: usize,
     ) -> uuid::Uuid {
         let site = self.cx.site;
@@ -476,15 +468,16 @@ impl<'m> Runner<'_, 'm> {
                 return ids::resource_uuid(&parts);
             }
         }
-        let first_identifier = key_scan(content, "identifier")
+        let first_identifier = content
+            .get("identifier")
             .and_then(|v| match v {
-                Value::Array(a) => a.first(),
+                Node::Arr(a) => a.first(),
                 other => Some(other),
             })
             .and_then(|i| match i {
-                Value::Object(m) => {
-                    let system = key_scan(m, "system")?.as_str()?;
-                    let value = key_scan(m, "value")?.as_str()?;
+                Node::Obj(m) => {
+                    let system = m.get("system")?.as_str()?;
+                    let value = m.get("value")?.as_str()?;
                     Some((system, value))
                 }
                 _ => None,

@@ -1,0 +1,180 @@
+//! The JSON tree a resource is built in, turned into a `serde_json::Value` once it is complete.
+//!
+//! Why not build the `Value` directly: `serde_json::Map` (with `preserve_order`) is an IndexMap
+//! keyed by owned `String`s and hashed with SipHash. Every rule that writes `name[0].given[1]`
+//! walked it with two or three hashes and a key allocation per step, and pruning and reference
+//! resolution hashed again: together about a third of mapping time. Here keys are borrowed
+//! from the compiled plan (or are constants), an object is a short vector searched by
+//! comparison (FHIR elements have a handful of keys), and a reference placeholder is a variant
+//! of its own, so finding one is a match rather than a string parse. The conversion at the end
+//! hashes each key once.
+
+use serde_json::{Map, Value};
+
+/// A JSON value under construction. `'p` is the lifetime of the compiled plan the keys come from.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Node<'p> {
+    Obj(Obj<'p>),
+    Arr(Vec<Node<'p>>),
+    Str(String),
+    /// Booleans and numbers (a number keeps its text: `1.50` stays `1.50`).
+    Leaf(Value),
+    /// A reference to pending reference `n`, replaced by a `urn:uuid:` (or removed) once every
+    /// resource of the message is built. Only ever the value of a `reference` key.
+    Ref(usize),
+}
+
+/// A JSON object in insertion order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Obj<'p>(Vec<(&'p str, Node<'p>)>);
+
+impl<'p> Obj<'p> {
+    pub fn new() -> Self {
+        Obj(Vec::new())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Node<'p>> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Node<'p>> {
+        self.0.iter_mut().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// The value of `key`, inserted with `make` at the end if absent.
+    pub fn entry(&mut self, key: &'p str, make: impl FnOnce() -> Node<'p>) -> &mut Node<'p> {
+        let at = match self.0.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.0.push((key, make()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[at].1
+    }
+
+    /// Sets `key`: an existing key keeps its position (as `IndexMap::insert` does).
+    pub fn insert(&mut self, key: &'p str, value: Node<'p>) {
+        match self.get_mut(key) {
+            Some(slot) => *slot = value,
+            None => self.0.push((key, value)),
+        }
+    }
+
+    /// Sets `key` at position `at` (or where it already is).
+    pub fn insert_at(&mut self, at: usize, key: &'p str, value: Node<'p>) {
+        match self.get_mut(key) {
+            Some(slot) => *slot = value,
+            None => self.0.insert(at.min(self.0.len()), (key, value)),
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<Node<'p>> {
+        let i = self.0.iter().position(|(k, _)| *k == key)?;
+        Some(self.0.remove(i).1)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Node<'p>> {
+        self.0.iter_mut().map(|(_, v)| v)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&mut Node<'p>) -> bool) {
+        self.0.retain_mut(|(_, v)| keep(v));
+    }
+
+    /// The JSON object.
+    pub fn into_map(self) -> Map<String, Value> {
+        let mut m = Map::with_capacity(self.0.len());
+        for (k, v) in self.0 {
+            m.insert(k.to_owned(), v.into_value());
+        }
+        m
+    }
+}
+
+impl<'p> Node<'p> {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Node::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The JSON value. An unresolved [`Node::Ref`] (never left by [`super::set::resolve_refs`])
+    /// becomes `null`, which [`prune`] would have removed.
+    pub fn into_value(self) -> Value {
+        match self {
+            Node::Obj(o) => Value::Object(o.into_map()),
+            Node::Arr(a) => Value::Array(a.into_iter().map(Node::into_value).collect()),
+            Node::Str(s) => Value::String(s),
+            Node::Leaf(v) => v,
+            Node::Ref(_) => Value::Null,
+        }
+    }
+
+    /// The pending reference this element stands for: an object whose `reference` is a
+    /// placeholder.
+    pub fn placeholder(&self) -> Option<usize> {
+        match self {
+            Node::Obj(o) => match o.get("reference") {
+                Some(Node::Ref(i)) => Some(*i),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// Removes empty objects, arrays and strings (FHIR forbids them); true if `v` itself is empty.
+pub(crate) fn prune(v: &mut Node<'_>) -> bool {
+    match v {
+        Node::Obj(m) => {
+            m.retain(|c| !prune(c));
+            m.is_empty()
+        }
+        Node::Arr(a) => {
+            a.retain_mut(|c| !prune(c));
+            a.is_empty()
+        }
+        Node::Str(s) => s.is_empty(),
+        Node::Leaf(Value::Null) | Node::Ref(_) => true,
+        Node::Leaf(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_keep_insertion_order_and_replace_in_place() {
+        let mut o = Obj::new();
+        o.insert("b", Node::Str("1".into()));
+        o.insert("a", Node::Str("2".into()));
+        o.insert("b", Node::Str("3".into()));
+        o.insert_at(0, "resourceType", Node::Str("Patient".into()));
+        o.insert_at(0, "a", Node::Str("4".into()));
+        let v = Node::Obj(o).into_value();
+        assert_eq!(
+            serde_json::to_string(&v).expect("json"),
+            r#"{"resourceType":"Patient","b":"3","a":"4"}"#
+        );
+    }
+
+    #[test]
+    fn pruning_removes_empty_elements_and_unresolved_references() {
+        let mut inner = Obj::new();
+        inner.insert("reference", Node::Ref(0));
+        let mut o = Obj::new();
+        o.insert("subject", Node::Obj(inner));
+        o.insert("name", Node::Arr(vec![Node::Obj(Obj::new()), Node::Str(String::new())]));
+        o.insert("active", Node::Leaf(Value::Bool(false)));
+        let mut n = Node::Obj(o);
+        assert!(!prune(&mut n));
+        assert_eq!(n.into_value(), serde_json::json!({ "active": false }));
+    }
+}
