@@ -30,19 +30,42 @@ const NAMESPACE_U128: u128 = 0x7cb5_eb26_25e0_57c6_96a6_adc3_a94e_b477;
 /// and the identifier system among the parts so that unrelated resources cannot collide.
 ///
 /// The same UUID as `Uuid::new_v5(&NAMESPACE, netstrings)`, computed with ring's SHA-1 (the
-/// crate's one crypto library, with CPU-specific code) fed part by part: a message takes ~20
-/// ids, and `uuid`'s portable SHA-1 plus a buffer and a length string per part were ~7% of
-/// mapping time. The test `matches_uuid_new_v5` pins the equivalence.
+/// crate's one crypto library): a message takes ~20 ids, and `uuid`'s portable SHA-1 plus a
+/// buffer and a length string per part were ~7% of mapping time. The name is laid out in a
+/// stack buffer (a heap one past 512 bytes) and hashed in one call: feeding ring four small
+/// updates per part cost more than the hashing. The test `matches_uuid_new_v5` pins the
+/// equivalence.
 pub fn resource_uuid(parts: &[&str]) -> Uuid {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
-    ctx.update(NAMESPACE.as_bytes());
+    const STACK: usize = 512;
+    let len = NAMESPACE.as_bytes().len()
+        + parts
+            .iter()
+            .map(|p| p.len() + 22) // at most 20 digits, `:` and `,`
+            .sum::<usize>();
+    let mut stack = [0u8; STACK];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = if len <= STACK {
+        &mut stack
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| {
+        if let Some(dst) = buf.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+            at += bytes.len();
+        }
+    };
+    put(NAMESPACE.as_bytes());
     for part in parts {
-        ctx.update(decimal(part.len(), &mut [0; 20]));
-        ctx.update(b":");
-        ctx.update(part.as_bytes());
-        ctx.update(b",");
+        put(decimal(part.len(), &mut [0; 20]));
+        put(b":");
+        put(part.as_bytes());
+        put(b",");
     }
-    let digest = ctx.finish();
+    let name = buf.get(..at).unwrap_or_default();
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, name);
     let mut bytes = [0u8; 16];
     for (b, d) in bytes.iter_mut().zip(digest.as_ref()) {
         *b = *d;

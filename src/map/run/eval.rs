@@ -1,7 +1,7 @@
 //! Evaluating rules, values, conditions and HL7 paths against one message.
 
-use super::scope::{Cursor, RepFrame};
 use super::node::{Node, Obj};
+use super::scope::{Cursor, RepFrame};
 use super::{PendingRef, Runner, Val, rep_id, set};
 use crate::fhir::nhs;
 use std::borrow::Cow;

@@ -171,7 +171,10 @@ mod tests {
         inner.insert("reference", Node::Ref(0));
         let mut o = Obj::new();
         o.insert("subject", Node::Obj(inner));
-        o.insert("name", Node::Arr(vec![Node::Obj(Obj::new()), Node::Str(String::new())]));
+        o.insert(
+            "name",
+            Node::Arr(vec![Node::Obj(Obj::new()), Node::Str(String::new())]),
+        );
         o.insert("active", Node::Leaf(Value::Bool(false)));
         let mut n = Node::Obj(o);
         assert!(!prune(&mut n));

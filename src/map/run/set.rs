@@ -1,7 +1,7 @@
 //! Writing values into the tree being built, resolving references, removing empty elements.
 
-use super::node::{Node, Obj};
 use super::RunError;
+use super::node::{Node, Obj};
 use crate::map::path::{Index, TargetPath};
 use crate::map::plan::RulePlan;
 
