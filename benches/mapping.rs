@@ -55,7 +55,7 @@ fn bench(c: &mut Criterion) {
             received_at: received,
             raw_sha256: [0; 32],
         };
-        serde_json::to_vec(&envelope::assemble(&input, mapped)).expect("json")
+        hl7_edge::fhir::json::to_vec(&envelope::assemble(&input, mapped))
     };
     // The benchmark message must map completely (every resource), or the figure means nothing:
     // MessageHeader, sender and GP Organizations, Patient, 3 Practitioners (GP, 2 attending),
@@ -111,7 +111,7 @@ fn bench(c: &mut Criterion) {
                 received_at: received,
                 raw_sha256: [0; 32],
             };
-            black_box(serde_json::to_vec(&envelope::assemble(&input, m)).expect("json"))
+            black_box(hl7_edge::fhir::json::to_vec(&envelope::assemble(&input, m)))
         })
     });
     let processor =
@@ -121,7 +121,7 @@ fn bench(c: &mut Criterion) {
             let p = processor
                 .bundle(black_box(MESSAGE), feed, received)
                 .expect("bundle");
-            black_box(serde_json::to_vec(&p.bundle).expect("json"))
+            black_box(hl7_edge::fhir::json::to_vec(&p.bundle))
         })
     });
     g.finish();

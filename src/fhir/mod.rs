@@ -9,12 +9,14 @@
 //! - [`time`]: HL7 v2 TS/DTM to FHIR `date`/`dateTime`/`instant`, with Europe/London applied to
 //!   local times and daylight-saving edge cases flagged rather than guessed silently.
 //! - [`envelope`]: the message Bundle around the mapped resources (MessageHeader, Provenance).
+//! - [`json`]: compact JSON output of a Bundle (serde_json's bytes, written faster).
 //! - [`profile`]: the London overlay's minimums (configurable per site).
 //! - [`validate`]: FHIR R4 structure (fhir-sdk R4B model) and London profile rules, checked
 //!   before a Bundle is signed.
 
 pub mod envelope;
 pub mod ids;
+pub mod json;
 pub mod nhs;
 pub mod profile;
 pub mod time;

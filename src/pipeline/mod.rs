@@ -209,7 +209,7 @@ impl Processor {
             key_id: Some(key.kid().to_string()),
         };
         Ok(Signed {
-            bytes: serde_json::to_vec(&bundle)?,
+            bytes: crate::fhir::json::to_vec(&bundle),
             warnings,
             info,
         })

@@ -21,6 +21,7 @@
 //! FHIR's trailing-zero precision convention for `decimal` (`1.50` meaning "two decimal places").
 //! The signature proves the numeric value; it does not prove how many trailing zeros were sent.
 
+use crate::fhir::json::write_string;
 use serde_json::{Number, Value};
 
 /// Nesting deeper than this is refused rather than risking the stack (FHIR Bundles are a few
@@ -169,40 +170,6 @@ fn write_value(v: &Value, out: &mut Vec<u8>, mode: Mode, depth: usize) -> Result
         }
     }
     Ok(())
-}
-
-/// JSON.stringify string serialisation: only `"`, `\` and C0 controls are escaped; everything else
-/// (including U+007F, U+2028 and non-ASCII) is written as UTF-8.
-///
-/// Runs that need no escape (nearly all of a FHIR Bundle) are copied in one piece. The scan is
-/// by byte: bytes of a multi-byte UTF-8 character are all >= 0x80, so they never match.
-fn write_string(s: &str, out: &mut Vec<u8>) {
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            0x0C => b"\\f",
-            b'\r' => b"\\r",
-            0..0x20 => {
-                out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
-                out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
-        out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
-        out.extend_from_slice(escape);
-        start = i + 1;
-    }
-    out.extend_from_slice(bytes.get(start..).unwrap_or_default());
-    out.push(b'"');
 }
 
 fn write_number(n: &Number, out: &mut Vec<u8>, mode: Mode) -> Result<(), JcsError> {
@@ -428,30 +395,6 @@ mod tests {
                 path: "/numbers/0".into()
             })
         );
-    }
-
-    #[test]
-    fn strings_are_escaped_as_serde_json_does() {
-        // serde_json escapes exactly JSON.stringify's set, so the two must agree byte for byte,
-        // whatever mix of plain runs, escapes and multi-byte characters a string holds.
-        let samples = [
-            "",
-            "plain text",
-            "\"quoted\"",
-            "back\\slash at the end\\",
-            "Zoë \u{1}\u{1f}\u{7f} ü\n\ttab",
-            "\u{0}",
-            "日本語\r\n",
-        ];
-        for s in samples {
-            let mut out = Vec::new();
-            write_string(s, &mut out);
-            assert_eq!(
-                String::from_utf8(out).expect("utf-8"),
-                serde_json::to_string(s).expect("json"),
-                "{s:?}"
-            );
-        }
     }
 
     #[test]
