@@ -141,11 +141,10 @@ pub(super) fn set_path<'p>(
 /// target (it is repeated), a single element for the first; with none, the reference is dropped.
 pub(super) fn resolve_refs(v: &mut Node<'_>, resolved: &[Vec<&str>]) {
     match v {
+        // Without a target the placeholder stays, and pruning removes it.
         Node::Ref(i) => {
-            *v = match resolved.get(*i).and_then(|u| u.first()) {
-                Some(u) => Node::Str((*u).to_string()),
-                // Pruned with the rest of the empty elements.
-                None => Node::Str(String::new()),
+            if let Some(u) = resolved.get(*i).and_then(|u| u.first()) {
+                *v = Node::Str((*u).to_string());
             }
         }
         // Rebuilt only when a placeholder is a direct element (it may expand to several).
