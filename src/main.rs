@@ -335,7 +335,7 @@ fn cmd_map(
         eprintln!("note: {w}");
     }
     if let Some(x) = &produced.explain {
-        eprint!("{}", explain_text(x, &produced.bundle));
+        eprint!("{}", explain_text(x, &produced.bundle.to_value()));
     }
     // The Bundle is shown even when invalid: the author needs to see both.
     match processor.validate(&produced.bundle) {
@@ -483,9 +483,10 @@ fn cmd_test_mappings(
                 Ok(p)
             });
         let actual = match built {
-            Ok(mut p) => {
-                map::golden::normalise(&mut p.bundle);
-                map::golden::render(&p.bundle)
+            Ok(p) => {
+                let mut bundle = p.bundle.to_value();
+                map::golden::normalise(&mut bundle);
+                map::golden::render(&bundle)
             }
             Err(e) => format!(
                 "{{\n  \"error\": {}\n}}\n",

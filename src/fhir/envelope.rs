@@ -3,8 +3,8 @@
 //! of the original v2 bytes. The envelope is fixed by the London profile, so it lives here in code
 //! rather than in every mapping.
 
+use super::tree::{Json, Obj, obj};
 use base64::Engine;
-use serde_json::{Map, Value, json};
 
 use super::{ids, time};
 use crate::config::SiteConfig;
@@ -54,7 +54,7 @@ fn source_display(h: &Header, unmapped: &[(String, usize)]) -> String {
 }
 
 /// Builds the unsigned Bundle.
-pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
+pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Json {
     let h = input.header;
     let site = input.site;
     let key = |kind: &str| {
@@ -77,101 +77,134 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Value {
             .map(|t| t.value)
             .unwrap_or_else(|_| received.clone());
 
-    let reference = |i: usize| {
-        mapped
-            .resources
-            .get(i)
-            .map(|r| json!({ "reference": ids::urn(&r.id) }))
+    let reference_to = |id: &uuid::Uuid| obj([("reference", ids::urn(id).into())]);
+    let reference = |i: usize| mapped.resources.get(i).map(|r| reference_to(&r.id));
+    let meta = || obj([("source", appliance.as_str().into())]);
+    let device = || {
+        obj([
+            ("type", "Device".into()),
+            (
+                "identifier",
+                obj([
+                    ("system", "urn:ietf:rfc:3986".into()),
+                    ("value", appliance.as_str().into()),
+                ]),
+            ),
+        ])
+    };
+    let participant = |code: &str| {
+        obj([(
+            "coding",
+            Json::Arr(vec![obj([
+                (
+                    "system",
+                    "http://terminology.hl7.org/CodeSystem/provenance-participant-type".into(),
+                ),
+                ("code", code.into()),
+            ])]),
+        )])
     };
 
-    let mut mh = Map::new();
-    mh.insert("resourceType".into(), json!("MessageHeader"));
-    mh.insert("id".into(), json!(header_id.to_string()));
-    mh.insert("meta".into(), json!({ "source": appliance }));
+    let mut mh = Obj::with_capacity(9);
+    mh.insert("resourceType", "MessageHeader");
+    mh.insert("id", header_id.to_string());
+    mh.insert("meta", meta());
     mh.insert(
-        "eventCoding".into(),
-        json!({ "system": "http://terminology.hl7.org/CodeSystem/v2-0003", "code": h.message_type.trigger }),
+        "eventCoding",
+        obj([
+            (
+                "system",
+                "http://terminology.hl7.org/CodeSystem/v2-0003".into(),
+            ),
+            ("code", h.message_type.trigger.as_str().into()),
+        ]),
     );
     mh.insert(
-        "destination".into(),
-        json!([{ "endpoint": site.exchange_endpoint }]),
+        "destination",
+        Json::Arr(vec![obj([(
+            "endpoint",
+            site.exchange_endpoint.as_str().into(),
+        )])]),
     );
     if let Some(s) = mapped.sender.and_then(reference) {
-        mh.insert("sender".into(), s);
+        mh.insert("sender", s);
     }
-    let mut source = Map::new();
+    let mut source = Obj::with_capacity(4);
     if !h.sending_application.is_empty() {
-        source.insert("name".into(), json!(h.sending_application));
+        source.insert("name", h.sending_application.as_str());
     }
-    source.insert("software".into(), json!("hl7-edge"));
-    source.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
-    source.insert("endpoint".into(), json!(appliance));
-    mh.insert("source".into(), Value::Object(source));
-    let focus: Vec<Value> = mapped.focus.iter().filter_map(|i| reference(*i)).collect();
+    source.insert("software", "hl7-edge");
+    source.insert("version", env!("CARGO_PKG_VERSION"));
+    source.insert("endpoint", appliance.as_str());
+    mh.insert("source", source);
+    let focus: Vec<Json> = mapped.focus.iter().filter_map(|i| reference(*i)).collect();
     if !focus.is_empty() {
-        mh.insert("focus".into(), Value::Array(focus));
+        mh.insert("focus", focus);
     }
 
-    let mut targets = vec![json!({ "reference": ids::urn(&header_id) })];
-    targets.extend(
-        mapped
-            .resources
-            .iter()
-            .map(|r| json!({ "reference": ids::urn(&r.id) })),
-    );
+    let mut targets = Vec::with_capacity(mapped.resources.len() + 1);
+    targets.push(reference_to(&header_id));
+    targets.extend(mapped.resources.iter().map(|r| reference_to(&r.id)));
     let digest = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(input.raw_sha256);
-    let mut agents = vec![json!({
-        "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "assembler" }] },
-        "who": { "type": "Device", "identifier": { "system": "urn:ietf:rfc:3986", "value": appliance } }
-    })];
+    let mut agents = vec![obj([("type", participant("assembler")), ("who", device())])];
     if let Some(s) = mapped.sender.and_then(reference) {
-        agents.push(json!({
-            "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author" }] },
-            "who": s
-        }));
+        agents.push(obj([("type", participant("author")), ("who", s)]));
     }
-    let provenance = json!({
-        "resourceType": "Provenance",
-        "id": provenance_id.to_string(),
-        "meta": { "source": appliance },
-        "target": targets,
-        "recorded": received,
-        "agent": agents,
-        "entity": [{
-            "role": "source",
-            "what": {
-                "identifier": { "system": "urn:ietf:rfc:3986", "value": format!("ni:///sha-256;{digest}") },
-                "display": source_display(h, &mapped.unmapped_segments)
-            }
-        }]
-    });
+    let provenance = obj([
+        ("resourceType", "Provenance".into()),
+        ("id", provenance_id.to_string().into()),
+        ("meta", meta()),
+        ("target", targets.into()),
+        ("recorded", received.into()),
+        ("agent", agents.into()),
+        (
+            "entity",
+            Json::Arr(vec![obj([
+                ("role", "source".into()),
+                (
+                    "what",
+                    obj([
+                        (
+                            "identifier",
+                            obj([
+                                ("system", "urn:ietf:rfc:3986".into()),
+                                ("value", format!("ni:///sha-256;{digest}").into()),
+                            ]),
+                        ),
+                        (
+                            "display",
+                            source_display(h, &mapped.unmapped_segments).into(),
+                        ),
+                    ]),
+                ),
+            ])]),
+        ),
+    ]);
 
-    // Entries are built by moving the resources in: `json!` would deep-copy every resource
-    // (it serialises embedded `Value`s again), which was a third of the mapping benchmark.
-    let entry = |full_url: String, resource: Value| {
-        let mut e = Map::new();
-        e.insert("fullUrl".into(), Value::String(full_url));
-        e.insert("resource".into(), resource);
-        Value::Object(e)
+    // The resources are moved in, not copied.
+    let entry = |full_url: String, resource: Json| {
+        obj([("fullUrl", full_url.into()), ("resource", resource)])
     };
     let mut entries = Vec::with_capacity(mapped.resources.len() + 2);
-    entries.push(entry(ids::urn(&header_id), Value::Object(mh)));
+    entries.push(entry(ids::urn(&header_id), Json::Obj(mh)));
     for r in mapped.resources {
-        entries.push(entry(ids::urn(&r.id), Value::Object(r.json)));
+        entries.push(entry(ids::urn(&r.id), Json::Obj(r.json)));
     }
     entries.push(entry(ids::urn(&provenance_id), provenance));
 
-    let mut bundle = match json!({
-        "resourceType": "Bundle",
-        "id": bundle_id.to_string(),
-        "meta": { "source": appliance },
-        "identifier": { "system": site.local_system("message-id"), "value": h.control_id },
-        "type": "message",
-        "timestamp": timestamp,
-    }) {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    };
-    bundle.insert("entry".into(), Value::Array(entries));
-    Value::Object(bundle)
+    obj([
+        ("resourceType", "Bundle".into()),
+        ("id", bundle_id.to_string().into()),
+        ("meta", meta()),
+        (
+            "identifier",
+            obj([
+                ("system", site.local_system("message-id").into()),
+                ("value", h.control_id.as_str().into()),
+            ]),
+        ),
+        ("type", "message".into()),
+        ("timestamp", timestamp.into()),
+        ("entry", entries.into()),
+    ])
 }

@@ -5,28 +5,24 @@
 //! are copied whole. The output is byte for byte serde_json's (tested), so nothing downstream
 //! can tell the difference.
 
-use std::io::Write as _;
+use super::tree::Json;
 
-use serde_json::Value;
-
-/// `value` as compact JSON, exactly as `serde_json::to_vec` writes it.
-pub fn to_vec(value: &Value) -> Vec<u8> {
+/// `value` as compact JSON, exactly as `serde_json::to_vec` writes the same value.
+pub fn to_vec(value: &Json) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 * 1024);
     write_value(value, &mut out);
     out
 }
 
-fn write_value(v: &Value, out: &mut Vec<u8>) {
+fn write_value(v: &Json, out: &mut Vec<u8>) {
     match v {
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        // With `arbitrary_precision` a number displays the text it was made from (`1.50`).
-        Value::Number(n) => {
-            let _ = write!(out, "{n}");
-        }
-        Value::String(s) => write_string(s, out),
-        Value::Array(a) => {
+        Json::Null => out.extend_from_slice(b"null"),
+        Json::Bool(true) => out.extend_from_slice(b"true"),
+        Json::Bool(false) => out.extend_from_slice(b"false"),
+        // With `arbitrary_precision` a number keeps the text it was made from (`1.50`).
+        Json::Num(n) => out.extend_from_slice(n.as_str().as_bytes()),
+        Json::Str(s) => write_string(s, out),
+        Json::Arr(a) => {
             out.push(b'[');
             for (i, item) in a.iter().enumerate() {
                 if i > 0 {
@@ -36,7 +32,7 @@ fn write_value(v: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
-        Value::Object(m) => {
+        Json::Obj(m) => {
             out.push(b'{');
             for (i, (k, item)) in m.iter().enumerate() {
                 if i > 0 {
@@ -119,6 +115,7 @@ fn needs_escape(w: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn strings_are_escaped_as_serde_json_does() {
@@ -174,7 +171,7 @@ mod tests {
                     let text = std::fs::read_to_string(f.path()).expect("golden");
                     let v: Value = serde_json::from_str(&text).expect("golden json");
                     assert_eq!(
-                        to_vec(&v),
+                        to_vec(&Json::from(v.clone())),
                         serde_json::to_vec(&v).expect("json"),
                         "{}",
                         f.path().display()
@@ -185,6 +182,9 @@ mod tests {
         }
         assert!(seen > 20, "only {seen} golden Bundles found");
         let odd = serde_json::json!({ "n": [1, -2, 1.5, null, true, false], "e": {}, "a": [], "s": "x\u{1}\"y" });
-        assert_eq!(to_vec(&odd), serde_json::to_vec(&odd).expect("json"));
+        assert_eq!(
+            to_vec(&Json::from(odd.clone())),
+            serde_json::to_vec(&odd).expect("json")
+        );
     }
 }

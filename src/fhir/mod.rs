@@ -9,6 +9,8 @@
 //! - [`time`]: HL7 v2 TS/DTM to FHIR `date`/`dateTime`/`instant`, with Europe/London applied to
 //!   local times and daylight-saving edge cases flagged rather than guessed silently.
 //! - [`envelope`]: the message Bundle around the mapped resources (MessageHeader, Provenance).
+//! - [`tree`]: the JSON tree a Bundle is built, validated and signed in (cheaper than a
+//!   `serde_json::Value`, which hashes every key).
 //! - [`json`]: compact JSON output of a Bundle (serde_json's bytes, written faster).
 //! - [`profile`]: the London overlay's minimums (configurable per site).
 //! - [`validate`]: FHIR R4 structure (fhir-sdk R4B model) and London profile rules, checked
@@ -20,4 +22,5 @@ pub mod json;
 pub mod nhs;
 pub mod profile;
 pub mod time;
+pub mod tree;
 pub mod validate;

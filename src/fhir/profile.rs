@@ -6,8 +6,8 @@
 //! reviewed decision, not a silent default. A Bundle that misses a minimum is quarantined with the
 //! list of what is missing (element paths only, never values).
 
+use super::tree::Json;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 const NHS_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 const VERIFICATION_URL: &str =
@@ -67,14 +67,14 @@ const PROFILED: &[&str] = &[
 ];
 
 /// Checks the Bundle's resources against the configured minimums; returns every miss.
-pub fn check(bundle: &Value, cfg: &ProfileConfig) -> Vec<String> {
+pub fn check(bundle: &Json, cfg: &ProfileConfig) -> Vec<String> {
     let mut misses = Vec::new();
-    let Some(entries) = bundle.get("entry").and_then(Value::as_array) else {
+    let Some(entries) = bundle.get("entry").and_then(Json::as_array) else {
         return misses;
     };
     for (i, e) in entries.iter().enumerate() {
         let Some(r) = e.get("resource") else { continue };
-        let rtype = r.get("resourceType").and_then(Value::as_str).unwrap_or("");
+        let rtype = r.get("resourceType").and_then(Json::as_str).unwrap_or("");
         let at = format!("Bundle.entry[{i}].resource({rtype})");
         if cfg.uk_core_profiles && PROFILED.contains(&rtype) {
             let wanted: Vec<String> = profile_suffixes(rtype)
@@ -83,7 +83,7 @@ pub fn check(bundle: &Value, cfg: &ProfileConfig) -> Vec<String> {
                 .collect();
             let has = r
                 .pointer("/meta/profile")
-                .and_then(Value::as_array)
+                .and_then(Json::as_array)
                 .is_some_and(|p| {
                     p.iter()
                         .any(|p| wanted.iter().any(|w| p.as_str() == Some(w.as_str())))
@@ -99,8 +99,8 @@ pub fn check(bundle: &Value, cfg: &ProfileConfig) -> Vec<String> {
             "Patient" => patient(r, &at, cfg, &mut misses),
             "Encounter" if cfg.encounter_minimums => encounter(r, &at, &mut misses),
             "Organization" => {
-                let ods = identifiers(r)
-                    .any(|i| i.get("system").and_then(Value::as_str) == Some(ODS_ORG));
+                let ods =
+                    identifiers(r).any(|i| i.get("system").and_then(Json::as_str) == Some(ODS_ORG));
                 let named = r.get("name").is_some();
                 if !ods && !named {
                     misses.push(format!("{at}: an Organization needs an ODS code or a name"));
@@ -126,31 +126,31 @@ fn profile_suffixes(rtype: &str) -> Vec<&str> {
 /// A Patient record retired by a merge (A34/A40): `active` false and a `replaced-by` link. It
 /// carries only what MRG says about the old record (its identifiers), not the person's
 /// demographics or a verification status of the old number.
-fn retired(r: &Value) -> bool {
-    r.get("active").and_then(Value::as_bool) == Some(false)
-        && r.get("link").and_then(Value::as_array).is_some_and(|l| {
+fn retired(r: &Json) -> bool {
+    r.get("active").and_then(Json::as_bool) == Some(false)
+        && r.get("link").and_then(Json::as_array).is_some_and(|l| {
             l.iter()
-                .any(|l| l.get("type").and_then(Value::as_str) == Some("replaced-by"))
+                .any(|l| l.get("type").and_then(Json::as_str) == Some("replaced-by"))
         })
 }
 
-fn identifiers(r: &Value) -> impl Iterator<Item = &Value> {
+fn identifiers(r: &Json) -> impl Iterator<Item = &Json> {
     r.get("identifier")
-        .and_then(Value::as_array)
+        .and_then(Json::as_array)
         .into_iter()
         .flatten()
 }
 
-fn patient(r: &Value, at: &str, cfg: &ProfileConfig, misses: &mut Vec<String>) {
+fn patient(r: &Json, at: &str, cfg: &ProfileConfig, misses: &mut Vec<String>) {
     if retired(r) {
         // The minimums are about the live record; a retired one must only say which record it was.
         let named = identifiers(r).any(|i| {
-            i.get("system").and_then(Value::as_str) == Some(NHS_SYSTEM)
+            i.get("system").and_then(Json::as_str) == Some(NHS_SYSTEM)
                 || i.pointer("/type/coding")
-                    .and_then(Value::as_array)
+                    .and_then(Json::as_array)
                     .is_some_and(|c| {
                         c.iter()
-                            .any(|c| c.get("code").and_then(Value::as_str) == Some("MR"))
+                            .any(|c| c.get("code").and_then(Json::as_str) == Some("MR"))
                     })
         });
         if (cfg.patient_nhs_number || cfg.patient_mrn) && !named {
@@ -162,16 +162,16 @@ fn patient(r: &Value, at: &str, cfg: &ProfileConfig, misses: &mut Vec<String>) {
     }
     if cfg.patient_nhs_number {
         let nhs =
-            identifiers(r).find(|i| i.get("system").and_then(Value::as_str) == Some(NHS_SYSTEM));
+            identifiers(r).find(|i| i.get("system").and_then(Json::as_str) == Some(NHS_SYSTEM));
         match nhs {
             None => misses.push(format!("{at}.identifier: no valid NHS number")),
             Some(i) => {
                 let verified = i
                     .get("extension")
-                    .and_then(Value::as_array)
+                    .and_then(Json::as_array)
                     .is_some_and(|x| {
                         x.iter()
-                            .any(|e| e.get("url").and_then(Value::as_str) == Some(VERIFICATION_URL))
+                            .any(|e| e.get("url").and_then(Json::as_str) == Some(VERIFICATION_URL))
                     });
                 if !verified {
                     misses.push(format!(
@@ -184,10 +184,10 @@ fn patient(r: &Value, at: &str, cfg: &ProfileConfig, misses: &mut Vec<String>) {
     if cfg.patient_mrn {
         let mrn = identifiers(r).any(|i| {
             i.pointer("/type/coding")
-                .and_then(Value::as_array)
+                .and_then(Json::as_array)
                 .is_some_and(|c| {
                     c.iter()
-                        .any(|c| c.get("code").and_then(Value::as_str) == Some("MR"))
+                        .any(|c| c.get("code").and_then(Json::as_str) == Some("MR"))
                 })
         });
         if !mrn {
@@ -195,16 +195,13 @@ fn patient(r: &Value, at: &str, cfg: &ProfileConfig, misses: &mut Vec<String>) {
         }
     }
     if cfg.patient_name {
-        let ok = r
-            .get("name")
-            .and_then(Value::as_array)
-            .is_some_and(|names| {
-                names.iter().any(|n| {
-                    n.get("use").and_then(Value::as_str) == Some("official")
-                        && n.get("family").is_some()
-                        && n.get("given").is_some()
-                })
-            });
+        let ok = r.get("name").and_then(Json::as_array).is_some_and(|names| {
+            names.iter().any(|n| {
+                n.get("use").and_then(Json::as_str) == Some("official")
+                    && n.get("family").is_some()
+                    && n.get("given").is_some()
+            })
+        });
         if !ok {
             misses.push(format!("{at}.name: no official name with family and given"));
         }
@@ -217,10 +214,10 @@ fn patient(r: &Value, at: &str, cfg: &ProfileConfig, misses: &mut Vec<String>) {
         }
     }
     if cfg.patient_address {
-        let ok = r.get("address").and_then(Value::as_array).is_some_and(|a| {
+        let ok = r.get("address").and_then(Json::as_array).is_some_and(|a| {
             a.iter().any(|a| {
                 a.get("postalCode").is_some()
-                    && !matches!(a.get("use").and_then(Value::as_str), Some("old" | "temp"))
+                    && !matches!(a.get("use").and_then(Json::as_str), Some("old" | "temp"))
                     && a.pointer("/period/end").is_none()
             })
         });
@@ -232,7 +229,7 @@ fn patient(r: &Value, at: &str, cfg: &ProfileConfig, misses: &mut Vec<String>) {
     }
 }
 
-fn encounter(r: &Value, at: &str, misses: &mut Vec<String>) {
+fn encounter(r: &Json, at: &str, misses: &mut Vec<String>) {
     for el in [
         "identifier",
         "status",
@@ -252,10 +249,14 @@ fn encounter(r: &Value, at: &str, misses: &mut Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn bundle(patient: Value) -> Value {
         json!({ "resourceType": "Bundle", "type": "message", "entry": [ { "resource": patient } ] })
+    }
+
+    fn tree(patient: Value) -> Json {
+        Json::from(bundle(patient))
     }
 
     fn good_patient() -> Value {
@@ -274,7 +275,7 @@ mod tests {
 
     #[test]
     fn a_complete_patient_passes() {
-        assert!(check(&bundle(good_patient()), &ProfileConfig::default()).is_empty());
+        assert!(check(&tree(good_patient()), &ProfileConfig::default()).is_empty());
     }
 
     #[test]
@@ -285,7 +286,7 @@ mod tests {
         obj.remove("gender");
         obj.insert("identifier".into(), json!([]));
         obj.insert("meta".into(), json!({}));
-        let misses = check(&bundle(p.clone()), &ProfileConfig::default());
+        let misses = check(&tree(p.clone()), &ProfileConfig::default());
         assert_eq!(misses.len(), 5, "{misses:?}");
         assert!(misses.iter().any(|m| m.contains("NHS number")));
         assert!(misses.iter().any(|m| m.contains("MRN")));
@@ -300,7 +301,7 @@ mod tests {
             uk_core_profiles: false,
             ..ProfileConfig::default()
         };
-        assert!(check(&bundle(p), &relaxed).is_empty());
+        assert!(check(&tree(p), &relaxed).is_empty());
     }
 
     #[test]
@@ -312,35 +313,32 @@ mod tests {
             "active": false,
             "link": [ { "other": { "reference": "urn:uuid:x" }, "type": "replaced-by" } ]
         });
-        assert!(check(&bundle(retired.clone()), &ProfileConfig::default()).is_empty());
+        assert!(check(&tree(retired.clone()), &ProfileConfig::default()).is_empty());
         let mut anonymous = retired.clone();
         anonymous["identifier"] = json!([]);
-        let misses = check(&bundle(anonymous), &ProfileConfig::default());
+        let misses = check(&tree(anonymous), &ProfileConfig::default());
         assert_eq!(misses.len(), 1, "{misses:?}");
         // Inactive without a replaced-by link is not a merge: every minimum applies.
         let mut inactive = retired;
         inactive.as_object_mut().expect("object").remove("link");
-        assert!(check(&bundle(inactive), &ProfileConfig::default()).len() > 1);
+        assert!(check(&tree(inactive), &ProfileConfig::default()).len() > 1);
     }
 
     #[test]
     fn an_observation_may_be_lab_or_plain_uk_core() {
         for p in ["Observation-Lab", "Observation"] {
             let o = json!({ "resourceType": "Observation", "meta": { "profile": [format!("{UK_CORE}{p}")] } });
-            assert!(
-                check(&bundle(o), &ProfileConfig::default()).is_empty(),
-                "{p}"
-            );
+            assert!(check(&tree(o), &ProfileConfig::default()).is_empty(), "{p}");
         }
         let o = json!({ "resourceType": "Observation", "meta": { "profile": [format!("{UK_CORE}Condition")] } });
-        assert_eq!(check(&bundle(o), &ProfileConfig::default()).len(), 1);
+        assert_eq!(check(&tree(o), &ProfileConfig::default()).len(), 1);
     }
 
     #[test]
     fn an_old_address_is_not_current() {
         let mut p = good_patient();
         p["address"] = json!([ { "use": "old", "postalCode": "NW1 2BU" } ]);
-        let misses = check(&bundle(p), &ProfileConfig::default());
+        let misses = check(&tree(p), &ProfileConfig::default());
         assert_eq!(misses.len(), 1, "{misses:?}");
     }
 }

@@ -2,19 +2,17 @@
 //!
 //! Two layers:
 //! 1. **FHIR R4 structure**, with fhir-sdk's R4B model (identical to R4 for every resource we
-//!    emit): types, required elements, coded values of required bindings. fhir-sdk silently
-//!    ignores unknown elements, so every key is also looked up in the FHIR R4 element catalogue
-//!    that mappings are checked against at load time. (This replaced a round trip through the
-//!    model back to JSON and a tree comparison, which cost more than the deserialisation.)
+//!    emit), read straight from the Bundle's tree: types, required elements, coded values of
+//!    required bindings. fhir-sdk silently ignores unknown elements, so every key is also looked
+//!    up in the FHIR R4 element catalogue that mappings are checked against at load time.
 //! 2. **London profile rules** that the model cannot express: message Bundle shape, `urn:uuid`
 //!    fullUrls matching resource ids, references that resolve inside the Bundle, NHS numbers that
 //!    pass modulus 11, and date-times with a time that carry an offset.
 
 use std::collections::HashSet;
 
-use serde_json::Value;
-
 use super::nhs;
+use super::tree::Json;
 
 /// Every problem found, each with the element path; no patient data.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +20,7 @@ use super::nhs;
 pub struct Invalid(pub Vec<String>);
 
 /// Validates an unsigned (or signed) Bundle.
-pub fn validate(bundle: &Value) -> Result<(), Invalid> {
+pub fn validate(bundle: &Json) -> Result<(), Invalid> {
     let mut problems = Vec::new();
     structural(bundle, &mut problems);
     london(bundle, &mut problems);
@@ -33,40 +31,16 @@ pub fn validate(bundle: &Value) -> Result<(), Invalid> {
     }
 }
 
-fn structural(bundle: &Value, problems: &mut Vec<String>) {
+fn structural(bundle: &Json, problems: &mut Vec<String>) {
     use fhir_sdk::r4b::resources::Bundle;
     use serde::Deserialize;
-    // Deserialising from `&Value` borrows: no copy of the Bundle. The model itself is dropped:
-    // the Bundle we send is never a re-serialised one (fhir-sdk keeps decimals as f64, `1.50`
-    // would become `1.5`).
-    if Bundle::deserialize(bundle).is_err() {
-        // With serde_json's `arbitrary_precision` (which keeps `4.20` as sent), a decimal that
-        // an f64 does not print back identically reaches serde's buffered paths (fhir-sdk's
-        // choice and primitive-extension elements) as a map, not a number, and fails there.
-        // So before reporting, check again with every number as its f64: the types are what
-        // this check is about, and only a failing Bundle pays for the copy.
-        let mut plain = bundle.clone();
-        numbers_as_f64(&mut plain);
-        if let Err(e) = Bundle::deserialize(&plain) {
-            problems.push(format!("FHIR R4 structure: {e}"));
-        }
+    // The model borrows from the tree and is dropped: the Bundle we send is never a
+    // re-serialised one (fhir-sdk keeps decimals as f64, `1.50` would become `1.5`).
+    if let Err(e) = Bundle::deserialize(bundle) {
+        problems.push(format!("FHIR R4 structure: {e}"));
     }
     let mut path = Path(vec![Seg::Key("Bundle")]);
     unknown_elements(bundle, "Bundle", &mut path, problems);
-}
-
-/// Replaces every non-integer number with the f64 nearest to it (see [`structural`]).
-fn numbers_as_f64(v: &mut Value) {
-    match v {
-        Value::Number(n) if !(n.is_i64() || n.is_u64()) => {
-            if let Some(f) = n.as_f64().and_then(serde_json::Number::from_f64) {
-                *n = f;
-            }
-        }
-        Value::Array(a) => a.iter_mut().for_each(numbers_as_f64),
-        Value::Object(m) => m.values_mut().for_each(numbers_as_f64),
-        _ => {}
-    }
 }
 
 /// Reports every key of `value` (of FHIR type `type_name`) that is not an element of that type
@@ -75,17 +49,17 @@ fn numbers_as_f64(v: &mut Value) {
 /// lost, so this is part of the structural check. Types the catalogue does not know, and
 /// values of the wrong JSON kind, are left to fhir-sdk's deserialisation, which reports them.
 fn unknown_elements<'a>(
-    value: &'a Value,
+    value: &'a Json,
     type_name: &str,
     path: &mut Path<'a>,
     problems: &mut Vec<String>,
 ) {
-    let Value::Object(map) = value else {
+    let Json::Obj(map) = value else {
         return;
     };
     let type_name = if type_name == "ResourceList" {
         map.get("resourceType")
-            .and_then(Value::as_str)
+            .and_then(Json::as_str)
             .unwrap_or_default()
     } else {
         type_name
@@ -93,21 +67,21 @@ fn unknown_elements<'a>(
     let Some(def) = crate::map::fhir_model::model().get(type_name) else {
         return;
     };
-    for (key, v) in map {
+    for (key, v) in map.iter() {
         if key == "resourceType" && def.kind == crate::map::fhir_model::Kind::Resource {
             continue;
         }
         // `_birthDate` carries the id/extensions of the primitive `birthDate`.
         let (name, primitive_extension) = match key.strip_prefix('_') {
             Some(n) => (n, true),
-            None => (key.as_str(), false),
+            None => (key, false),
         };
         path.0.push(Seg::Key(key));
         match def.element(name) {
             None => problems.push(format!("{path} is not an element of FHIR R4")),
             Some(_) if primitive_extension => {}
             Some(el) => match v {
-                Value::Array(items) => {
+                Json::Arr(items) => {
                     for (i, item) in items.iter().enumerate() {
                         path.0.push(Seg::Index(i));
                         unknown_elements(item, el.type_name, path, problems);
@@ -145,27 +119,27 @@ impl std::fmt::Display for Path<'_> {
     }
 }
 
-fn london(bundle: &Value, problems: &mut Vec<String>) {
-    if bundle.get("type").and_then(Value::as_str) != Some("message") {
+fn london(bundle: &Json, problems: &mut Vec<String>) {
+    if bundle.get("type").and_then(Json::as_str) != Some("message") {
         problems.push("Bundle.type must be `message`".into());
     }
-    let Some(entries) = bundle.get("entry").and_then(Value::as_array) else {
+    let Some(entries) = bundle.get("entry").and_then(Json::as_array) else {
         problems.push("Bundle.entry is missing".into());
         return;
     };
     let first_type = entries
         .first()
         .and_then(|e| e.pointer("/resource/resourceType"))
-        .and_then(Value::as_str);
+        .and_then(Json::as_str);
     if first_type != Some("MessageHeader") {
         problems.push("Bundle.entry[0] must be the MessageHeader".into());
     }
     let mut full_urls = HashSet::new();
     for (i, e) in entries.iter().enumerate() {
-        let full = e.get("fullUrl").and_then(Value::as_str).unwrap_or("");
+        let full = e.get("fullUrl").and_then(Json::as_str).unwrap_or("");
         let id = e
             .pointer("/resource/id")
-            .and_then(Value::as_str)
+            .and_then(Json::as_str)
             .unwrap_or("");
         if full != format!("urn:uuid:{id}") || id.is_empty() {
             problems.push(format!(
@@ -182,7 +156,7 @@ fn london(bundle: &Value, problems: &mut Vec<String>) {
         };
         let rtype = res
             .get("resourceType")
-            .and_then(Value::as_str)
+            .and_then(Json::as_str)
             .unwrap_or("?");
         let mut path = Path(vec![Seg::Resource(i, rtype)]);
         check_tree(res, &mut path, &full_urls, problems);
@@ -196,14 +170,14 @@ fn london(bundle: &Value, problems: &mut Vec<String>) {
 
 /// Walks a resource: references resolve, NHS numbers are valid, date-times carry offsets.
 fn check_tree<'a>(
-    v: &'a Value,
+    v: &'a Json,
     path: &mut Path<'a>,
     full_urls: &HashSet<String>,
     problems: &mut Vec<String>,
 ) {
     match v {
-        Value::Object(m) => {
-            if let Some(Value::String(r)) = m.get("reference")
+        Json::Obj(m) => {
+            if let Some(Json::Str(r)) = m.get("reference")
                 && r.starts_with("urn:uuid:")
                 && !full_urls.contains(r)
             {
@@ -211,11 +185,10 @@ fn check_tree<'a>(
                     "{path}.reference does not resolve inside the Bundle"
                 ));
             }
-            if m.get("system").and_then(Value::as_str) == Some("https://fhir.nhs.uk/Id/nhs-number")
-            {
+            if m.get("system").and_then(Json::as_str) == Some("https://fhir.nhs.uk/Id/nhs-number") {
                 let ok = m
                     .get("value")
-                    .and_then(Value::as_str)
+                    .and_then(Json::as_str)
                     .is_some_and(nhs::is_valid_nhs_number);
                 if !ok {
                     problems.push(format!(
@@ -223,8 +196,8 @@ fn check_tree<'a>(
                     ));
                 }
             }
-            for (k, c) in m {
-                if let Value::String(s) = c
+            for (k, c) in m.iter() {
+                if let Json::Str(s) = c
                     && is_datetime_key(k)
                     && s.len() > 10
                     && !has_offset(s)
@@ -233,14 +206,14 @@ fn check_tree<'a>(
                         "{path}.{k}: a date-time with a time must carry an offset"
                     ));
                 }
-                if matches!(c, Value::Object(_) | Value::Array(_)) {
+                if matches!(c, Json::Obj(_) | Json::Arr(_)) {
                     path.0.push(Seg::Key(k));
                     check_tree(c, path, full_urls, problems);
                     path.0.pop();
                 }
             }
         }
-        Value::Array(a) => {
+        Json::Arr(a) => {
             for (i, c) in a.iter().enumerate() {
                 path.0.push(Seg::Index(i));
                 check_tree(c, path, full_urls, problems);
@@ -277,7 +250,7 @@ fn has_offset(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn bundle(resources: Vec<Value>) -> Value {
         let mut entries = vec![json!({
@@ -315,22 +288,22 @@ mod tests {
                 "referenceRange":[{"low":{"value":0.27},"high":{"value":4.20}}]}"#,
         )
         .expect("JSON");
-        validate(&bundle(vec![patient(), decimals.clone()])).expect("valid decimals");
+        validate(&Json::from(bundle(vec![patient(), decimals.clone()]))).expect("valid decimals");
         let mut wrong = decimals;
         wrong["referenceRange"][0]["high"]["value"] = json!("4.20");
-        assert!(validate(&bundle(vec![patient(), wrong])).is_err());
+        assert!(validate(&Json::from(bundle(vec![patient(), wrong]))).is_err());
     }
 
     #[test]
     fn a_minimal_valid_bundle_passes() {
-        validate(&bundle(vec![patient()])).expect("valid");
+        validate(&Json::from(bundle(vec![patient()]))).expect("valid");
     }
 
     #[test]
     fn an_unknown_element_is_reported_with_its_path() {
         let mut p = patient();
         p["nmae"] = json!([ { "family": "X" } ]);
-        let err = validate(&bundle(vec![p])).expect_err("unknown element");
+        let err = validate(&Json::from(bundle(vec![p]))).expect_err("unknown element");
         assert!(
             err.0
                 .iter()
@@ -343,7 +316,7 @@ mod tests {
     fn a_wrong_type_fails_the_structural_check() {
         let mut p = patient();
         p["birthDate"] = json!(19800101);
-        let err = validate(&bundle(vec![p])).expect_err("wrong type");
+        let err = validate(&Json::from(bundle(vec![p]))).expect_err("wrong type");
         assert!(
             err.0.iter().any(|e| e.starts_with("FHIR R4 structure")),
             "{err}"
@@ -357,7 +330,7 @@ mod tests {
         p["generalPractitioner"] =
             json!([ { "reference": "urn:uuid:00000000-0000-5000-8000-00000000ffff" } ]);
         p["deceasedDateTime"] = json!("2026-01-01T10:00:00");
-        let err = validate(&bundle(vec![p])).expect_err("invalid");
+        let err = validate(&Json::from(bundle(vec![p]))).expect_err("invalid");
         let text = err.to_string();
         assert!(text.contains("modulus 11"), "{text}");
         assert!(

@@ -257,7 +257,9 @@ pub enum Index {
 /// One step of a FHIR target path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
-    pub name: String,
+    /// The element name; once the path is checked against the FHIR R4 catalogue, the
+    /// catalogue's own `&'static str`, so the elements a rule writes carry it at no cost.
+    pub name: crate::fhir::tree::Key,
     pub index: Index,
 }
 
@@ -293,7 +295,7 @@ impl TargetPath {
                 ));
             }
             steps.push(Step {
-                name: name.to_string(),
+                name: name.to_string().into(),
                 index,
             });
         }

@@ -16,7 +16,6 @@ pub mod workers;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
@@ -24,6 +23,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::SiteConfig;
 use crate::fhir::envelope::{self, EnvelopeInput};
 use crate::fhir::profile::{self, ProfileConfig};
+use crate::fhir::tree::{Json, obj};
 use crate::fhir::validate;
 use crate::hl7;
 use crate::ingest::adapter::FeedConfig;
@@ -55,7 +55,7 @@ pub enum ProcessError {
 /// A Bundle and what the mapping had to say about it.
 #[derive(Debug)]
 pub struct Produced {
-    pub bundle: Value,
+    pub bundle: Json,
     pub warnings: Vec<String>,
     /// With [`Explain::On`]: which rule produced each element, and what no rule read.
     pub explain: Option<Explanation>,
@@ -163,7 +163,7 @@ impl Processor {
     }
 
     /// FHIR R4 structure, then the London overlay's minimums.
-    pub fn validate(&self, bundle: &Value) -> Result<(), ProcessError> {
+    pub fn validate(&self, bundle: &Json) -> Result<(), ProcessError> {
         validate::validate(bundle)?;
         let misses = profile::check(bundle, &self.profile);
         if misses.is_empty() {
@@ -199,10 +199,16 @@ impl Processor {
             ..
         } = self.bundle(raw, feed, received_at)?;
         let when = envelope::instant(jiff::Timestamp::now(), &self.tz);
-        let who = serde_json::json!({
-            "type": "Device",
-            "identifier": { "system": "urn:ietf:rfc:3986", "value": self.site.appliance_uri() }
-        });
+        let who = obj([
+            ("type", "Device".into()),
+            (
+                "identifier",
+                obj([
+                    ("system", "urn:ietf:rfc:3986".into()),
+                    ("value", self.site.appliance_uri().into()),
+                ]),
+            ),
+        ]);
         sign::sign_bundle(&mut bundle, key, &when, who)?;
         let info = BundleInfo {
             message_id: bundle["identifier"]["value"].as_str().map(str::to_string),

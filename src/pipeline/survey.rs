@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use crate::fhir::tree::Json;
 
 use super::{ProcessError, Processor};
 use crate::hl7;
@@ -25,7 +25,7 @@ pub struct Outcome {
     /// `CODE^TRIGGER` from MSH-9, or `(unreadable)` when MSH could not be read.
     pub message_type: String,
     /// The validated Bundle, or why the message would be quarantined.
-    pub result: Result<Value, ProcessError>,
+    pub result: Result<Json, ProcessError>,
 }
 
 /// Per message type: (would be forwarded, would be quarantined).

@@ -22,7 +22,51 @@
 //! The signature proves the numeric value; it does not prove how many trailing zeros were sent.
 
 use crate::fhir::json::write_string;
+use crate::fhir::tree::Json;
 use serde_json::{Number, Value};
+
+/// A JSON tree JCS can read: a `serde_json::Value` (what a verifier parses) or the Bundle's own
+/// [`Json`] tree (what the appliance signs), through one canonicaliser so both give the same
+/// bytes by construction.
+pub trait Tree: Sized {
+    fn view(&self) -> View<'_, Self>;
+}
+
+/// One node of a [`Tree`]; an object's members in any order (JCS sorts them).
+pub enum View<'a, T> {
+    Null,
+    Bool(bool),
+    Num(&'a Number),
+    Str(&'a str),
+    Arr(&'a [T]),
+    Obj(Vec<(&'a str, &'a T)>),
+}
+
+impl Tree for Value {
+    fn view(&self) -> View<'_, Value> {
+        match self {
+            Value::Null => View::Null,
+            Value::Bool(b) => View::Bool(*b),
+            Value::Number(n) => View::Num(n),
+            Value::String(s) => View::Str(s),
+            Value::Array(a) => View::Arr(a),
+            Value::Object(m) => View::Obj(m.iter().map(|(k, v)| (k.as_str(), v)).collect()),
+        }
+    }
+}
+
+impl Tree for Json {
+    fn view(&self) -> View<'_, Json> {
+        match self {
+            Json::Null => View::Null,
+            Json::Bool(b) => View::Bool(*b),
+            Json::Num(n) => View::Num(n),
+            Json::Str(s) => View::Str(s),
+            Json::Arr(a) => View::Arr(a),
+            Json::Obj(o) => View::Obj(o.iter().collect()),
+        }
+    }
+}
 
 /// Nesting deeper than this is refused rather than risking the stack (FHIR Bundles are a few
 /// dozen levels deep at most; `serde_json` itself refuses more than 128 when parsing).
@@ -93,7 +137,7 @@ struct Mode<'a> {
 
 /// RFC 8785 canonical form of `value`. Numbers are rounded to IEEE 754 doubles as the RFC
 /// prescribes; only out-of-range numbers are refused.
-pub fn canonicalize(value: &Value) -> Result<Vec<u8>, JcsError> {
+pub fn canonicalize<T: Tree>(value: &T) -> Result<Vec<u8>, JcsError> {
     let mut out = Vec::new();
     let mode = Mode {
         strict: false,
@@ -106,7 +150,7 @@ pub fn canonicalize(value: &Value) -> Result<Vec<u8>, JcsError> {
 /// [`canonicalize`], but refusing numbers whose value the double rounding would change and
 /// negative zero (see the module docs). Output, when produced, is identical to
 /// [`canonicalize`]'s, so any RFC 8785 implementation verifies it.
-pub fn canonicalize_strict(value: &Value) -> Result<Vec<u8>, JcsError> {
+pub fn canonicalize_strict<T: Tree>(value: &T) -> Result<Vec<u8>, JcsError> {
     let mut out = Vec::new();
     let mode = Mode {
         strict: true,
@@ -118,7 +162,7 @@ pub fn canonicalize_strict(value: &Value) -> Result<Vec<u8>, JcsError> {
 
 /// [`canonicalize_strict`] of `value` as if its top-level member `member` were absent, without
 /// copying or modifying it (used for "the Bundle without its `signature`").
-pub fn canonicalize_strict_without(value: &Value, member: &str) -> Result<Vec<u8>, JcsError> {
+pub fn canonicalize_strict_without<T: Tree>(value: &T, member: &str) -> Result<Vec<u8>, JcsError> {
     let mut out = Vec::new();
     let mode = Mode {
         strict: true,
@@ -128,19 +172,24 @@ pub fn canonicalize_strict_without(value: &Value, member: &str) -> Result<Vec<u8
     Ok(out)
 }
 
-fn write_value(v: &Value, out: &mut Vec<u8>, mode: Mode, depth: usize) -> Result<(), JcsError> {
+fn write_value<T: Tree>(
+    v: &T,
+    out: &mut Vec<u8>,
+    mode: Mode,
+    depth: usize,
+) -> Result<(), JcsError> {
     if depth > MAX_DEPTH {
         return Err(JcsError::TooDeep {
             path: String::new(),
         });
     }
-    match v {
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(n) => write_number(n, out, mode)?,
-        Value::String(s) => write_string(s, out),
-        Value::Array(items) => {
+    match v.view() {
+        View::Null => out.extend_from_slice(b"null"),
+        View::Bool(true) => out.extend_from_slice(b"true"),
+        View::Bool(false) => out.extend_from_slice(b"false"),
+        View::Num(n) => write_number(n, out, mode)?,
+        View::Str(s) => write_string(s, out),
+        View::Arr(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
@@ -150,13 +199,13 @@ fn write_value(v: &Value, out: &mut Vec<u8>, mode: Mode, depth: usize) -> Result
             }
             out.push(b']');
         }
-        Value::Object(map) => {
-            let skip = if depth == 0 { mode.skip_top } else { None };
-            let mut members: Vec<(&String, &Value)> = map
-                .iter()
-                .filter(|(name, _)| Some(name.as_str()) != skip)
-                .collect();
-            members.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+        View::Obj(mut members) => {
+            if depth == 0
+                && let Some(skip) = mode.skip_top
+            {
+                members.retain(|(name, _)| *name != skip);
+            }
+            members.sort_unstable_by(|a, b| utf16_order(a.0, b.0));
             out.push(b'{');
             for (i, (name, member)) in members.into_iter().enumerate() {
                 if i > 0 {
@@ -170,6 +219,26 @@ fn write_value(v: &Value, out: &mut Vec<u8>, mode: Mode, depth: usize) -> Result
         }
     }
     Ok(())
+}
+
+/// The order of `a` and `b` as UTF-16 code units (RFC 8785 3.2.3), without transcoding.
+///
+/// UTF-8 byte order is code point order, and so is UTF-16 order except in one case: a character
+/// at or above U+10000 is a surrogate pair (0xD800..0xDBFF), which sorts *before* U+E000..U+FFFF.
+/// So the first differing byte decides, unless it is the lead byte of a U+E000..U+FFFF character
+/// (0xEE, 0xEF) facing the lead byte of a four-byte character (0xF0..0xF4). (Keys are unique,
+/// and member names sort once per object of every Bundle signed: transcoding each comparison
+/// cost more than the sorting itself.)
+fn utf16_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    match a.iter().zip(b).find(|(x, y)| x != y) {
+        None => a.len().cmp(&b.len()),
+        Some((&x, &y)) => match (x, y) {
+            (0xEE..=0xEF, 0xF0..) => std::cmp::Ordering::Greater,
+            (0xF0.., 0xEE..=0xEF) => std::cmp::Ordering::Less,
+            _ => x.cmp(&y),
+        },
+    }
 }
 
 fn write_number(n: &Number, out: &mut Vec<u8>, mode: Mode) -> Result<(), JcsError> {
@@ -290,6 +359,43 @@ impl Decimal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_order_is_utf16_order_for_every_class_of_character() {
+        let chars = [
+            "",
+            "a",
+            "z",
+            "\u{7f}",
+            "\u{80}",
+            "\u{7ff}",
+            "\u{800}",
+            "\u{d7ff}",
+            "\u{e000}",
+            "\u{efff}",
+            "\u{f000}",
+            "\u{ffff}",
+            "\u{10000}",
+            "\u{1f600}",
+            "\u{10ffff}",
+        ];
+        let mut names = Vec::new();
+        for a in chars {
+            for b in chars {
+                names.push(format!("{a}{b}"));
+                names.push(format!("k{a}x{b}"));
+            }
+        }
+        for a in &names {
+            for b in &names {
+                assert_eq!(
+                    utf16_order(a, b),
+                    a.encode_utf16().cmp(b.encode_utf16()),
+                    "{a:?} {b:?}"
+                );
+            }
+        }
+    }
     use serde_json::json;
 
     fn jcs(v: &Value) -> String {

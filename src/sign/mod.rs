@@ -51,7 +51,9 @@ pub mod key;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use serde_json::{Value, json};
+use serde_json::Value;
+
+use crate::fhir::tree::{Json, obj};
 
 pub use jws::{VerifiedBy, VerifyError};
 pub use key::{KeyError, SigningKey, VerifyingKey};
@@ -91,17 +93,21 @@ fn is_bundle(v: &Value) -> bool {
     v.get("resourceType").and_then(Value::as_str) == Some("Bundle")
 }
 
+fn is_bundle_tree(v: &Json) -> bool {
+    v.get("resourceType").and_then(Json::as_str) == Some("Bundle")
+}
+
 /// Signs `bundle` in place (see the module docs): replaces any `signature` with a new FHIR R4
 /// `Signature` whose `data` is the base64 of a detached EdDSA JWS over the JCS form of the Bundle
 /// without `signature`. `when` must be a FHIR `instant`; `who` a Reference
 /// (`{"identifier": {...}}` or `{"reference": "urn:uuid:..."}`). On error the Bundle is unchanged.
 pub fn sign_bundle(
-    bundle: &mut Value,
+    bundle: &mut Json,
     key: &SigningKey,
     when: &str,
-    who: Value,
+    who: Json,
 ) -> Result<(), SignError> {
-    if !is_bundle(bundle) {
+    if !is_bundle_tree(bundle) {
         return Err(SignError::NotABundle);
     }
     if !crate::fhir::time::is_fhir_instant(when) {
@@ -115,25 +121,28 @@ pub fn sign_bundle(
     }
     let payload = jcs::canonicalize_strict_without(bundle, "signature")?;
     let jws = jws::sign_detached(&payload, key);
-    let signature = json!({
-        "type": [{
-            "system": SIGNATURE_TYPE_SYSTEM,
-            "code": SIGNATURE_TYPE_SOURCE,
-            "display": "Source Signature",
-        }],
-        "when": when,
-        "who": who,
-        "targetFormat": TARGET_FORMAT,
-        "sigFormat": SIG_FORMAT,
-        "data": STANDARD.encode(jws.as_bytes()),
-    });
-    let Some(obj) = bundle.as_object_mut() else {
+    let signature = obj([
+        (
+            "type",
+            Json::Arr(vec![obj([
+                ("system", SIGNATURE_TYPE_SYSTEM.into()),
+                ("code", SIGNATURE_TYPE_SOURCE.into()),
+                ("display", "Source Signature".into()),
+            ])]),
+        ),
+        ("when", when.into()),
+        ("who", who),
+        ("targetFormat", TARGET_FORMAT.into()),
+        ("sigFormat", SIG_FORMAT.into()),
+        ("data", STANDARD.encode(jws.as_bytes()).into()),
+    ]);
+    let Some(members) = bundle.as_object_mut() else {
         return Err(SignError::NotABundle);
     };
-    // `shift_remove` keeps the other members in order (resourceType stays first); `signature`
-    // is the last element of Bundle in FHIR's element order, so it goes at the end.
-    obj.shift_remove("signature");
-    obj.insert("signature".to_owned(), signature);
+    // Removing keeps the other members in order (resourceType stays first); `signature` is the
+    // last element of Bundle in FHIR's element order, so it goes at the end.
+    members.remove("signature");
+    members.insert("signature", signature);
     Ok(())
 }
 

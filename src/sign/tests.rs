@@ -2,6 +2,16 @@
 
 use super::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::json;
+
+/// [`super::sign_bundle`] on a `Value` (the tests build and inspect Bundles as `Value`s, as an
+/// exchange would; the appliance signs its own tree).
+fn sign_bundle(b: &mut Value, key: &SigningKey, when: &str, who: Value) -> Result<(), SignError> {
+    let mut tree = Json::from(b.clone());
+    super::sign_bundle(&mut tree, key, when, Json::from(who))?;
+    *b = tree.to_value();
+    Ok(())
+}
 
 const WHEN: &str = "2026-07-15T10:15:00+01:00";
 

@@ -679,7 +679,7 @@ impl<'a> Compiler<'a> {
     fn rule(&mut self, r: &Rule, sc: &Scope<'_>) -> Option<RulePlan> {
         let file: &str = &r.file;
         let origin = origin(file, &r.set);
-        let target = match TargetPath::parse(&r.set.value) {
+        let mut target = match TargetPath::parse(&r.set.value) {
             Ok(t) => Some(t),
             Err(e) => {
                 self.diag
@@ -687,7 +687,7 @@ impl<'a> Compiler<'a> {
                 None
             }
         };
-        let info: Option<TargetInfo> = match (&target, sc.base) {
+        let info: Option<TargetInfo> = match (&mut target, sc.base) {
             (Some(t), Some(base)) => match resolve(base, t) {
                 Ok(i) => Some(i),
                 Err(e) => {

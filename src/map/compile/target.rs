@@ -16,15 +16,16 @@ pub struct TargetInfo {
     pub codes: &'static [&'static str],
 }
 
-/// Follows `path` from the type `base` (a resource, datatype or backbone type).
-pub fn resolve(base: &str, path: &TargetPath) -> Result<TargetInfo, String> {
+/// Follows `path` from the type `base` (a resource, datatype or backbone type). Each step's
+/// name becomes the catalogue's own (`'static`) copy of it.
+pub fn resolve(base: &str, path: &mut TargetPath) -> Result<TargetInfo, String> {
     let m = model();
     let mut here = m
         .get(base)
         .ok_or_else(|| format!("`{base}` is not a FHIR R4 type"))?;
     let mut shown = base.to_string();
-    let steps = &path.0;
-    for (i, step) in steps.iter().enumerate() {
+    let count = path.0.len();
+    for (i, step) in path.0.iter_mut().enumerate() {
         if here.kind == Kind::Primitive {
             return Err(format!(
                 "`{shown}` is of type {} (a single value); it has no element `{}`",
@@ -40,6 +41,7 @@ pub fn resolve(base: &str, path: &TargetPath) -> Result<TargetInfo, String> {
                 display_type(here.name)
             ));
         };
+        step.name = std::borrow::Cow::Borrowed(el.name);
         if step.name == "id" && i == 0 && here.kind == Kind::Resource {
             return Err(
                 "resource ids are assigned by hl7-edge (deterministic UUIDv5); declare `key:` on the resource to choose what keys the id".into(),
@@ -72,7 +74,7 @@ pub fn resolve(base: &str, path: &TargetPath) -> Result<TargetInfo, String> {
             .get(el.type_name)
             .ok_or_else(|| format!("`{}` has an unknown type `{}`", step.name, el.type_name))?;
         shown = format!("{}.{}", display_type(here.name), step.name);
-        if i + 1 == steps.len() {
+        if i + 1 == count {
             return Ok(TargetInfo {
                 type_name: next.name,
                 primitive: next.kind == Kind::Primitive,
@@ -151,7 +153,7 @@ mod tests {
     use super::*;
 
     fn r(base: &str, p: &str) -> Result<TargetInfo, String> {
-        resolve(base, &TargetPath::parse(p).expect("syntax"))
+        resolve(base, &mut TargetPath::parse(p).expect("syntax"))
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The function library (`fn:`) and conversions to FHIR primitives (`as:`, or the target's type).
 
-use serde_json::Value;
+use crate::fhir::tree::Json;
 
 use super::node::Node;
 use super::{RunContext, Runner};
@@ -75,7 +75,7 @@ fn hl7_time(t: &str) -> Option<String> {
 }
 
 impl Runner<'_, '_> {
-    pub(super) fn convert<'p>(&mut self, rule: &RulePlan, text: String) -> Option<Node<'p>> {
+    pub(super) fn convert(&mut self, rule: &RulePlan, text: String) -> Option<Node> {
         let policy = self.cx.clock_change;
         let origin = &rule.origin;
         let mut warn = |what: &str| {
@@ -132,15 +132,15 @@ impl Runner<'_, '_> {
                 }
             }
             Convert::Boolean => match text.trim().to_ascii_uppercase().as_str() {
-                "Y" | "YES" | "TRUE" | "T" | "1" => Some(Node::Leaf(Value::Bool(true))),
-                "N" | "NO" | "FALSE" | "F" | "0" => Some(Node::Leaf(Value::Bool(false))),
+                "Y" | "YES" | "TRUE" | "T" | "1" => Some(Node::Leaf(Json::Bool(true))),
+                "N" | "NO" | "FALSE" | "F" | "0" => Some(Node::Leaf(Json::Bool(false))),
                 _ => {
                     warn("not a boolean (Y/N)");
                     None
                 }
             },
             Convert::Integer => match text.trim().parse::<i64>() {
-                Ok(i) => Some(Node::Leaf(Value::from(i))),
+                Ok(i) => Some(Node::Leaf(Json::Num(i.into()))),
                 Err(_) => {
                     warn("not an integer");
                     None
@@ -158,7 +158,7 @@ impl Runner<'_, '_> {
                     && !digits.ends_with('.');
                 let t = t.trim_start_matches('+');
                 match (looks_decimal, serde_json::from_str::<serde_json::Number>(t)) {
-                    (true, Ok(n)) => Some(Node::Leaf(Value::Number(n))),
+                    (true, Ok(n)) => Some(Node::Leaf(Json::Num(n))),
                     _ => {
                         warn("not a decimal");
                         None

@@ -11,9 +11,9 @@ use crate::map::path::{Hl7Path, RepSelect};
 use crate::map::plan::*;
 
 /// A rule's result before it is written.
-enum Out<'p> {
+enum Out {
     Text(String),
-    Node(Node<'p>),
+    Node(Node),
 }
 
 impl<'a, 'm> Runner<'a, 'm> {
@@ -22,7 +22,7 @@ impl<'a, 'm> Runner<'a, 'm> {
         &mut self,
         rules: &'a [RulePlan],
         cur: &Cursor<'_>,
-        obj: &mut Obj<'a>,
+        obj: &mut Obj,
     ) -> Result<bool, super::RunError> {
         let mut any = false;
         for rule in rules {
@@ -58,7 +58,7 @@ impl<'a, 'm> Runner<'a, 'm> {
         &mut self,
         rule: &'a RulePlan,
         cur: &Cursor<'_>,
-        obj: &mut Obj<'a>,
+        obj: &mut Obj,
     ) -> Result<bool, super::RunError> {
         if let Some(c) = &rule.when
             && !self.cond(c, cur)
@@ -191,7 +191,7 @@ impl<'a, 'm> Runner<'a, 'm> {
         spec: &ValueSpec,
         cur: &Cursor<'_>,
         rule: &RulePlan,
-    ) -> Option<(Out<'a>, bool)> {
+    ) -> Option<(Out, bool)> {
         let (text, from_message) = self.raw_value(spec, cur)?;
         let Some(l) = spec.lookup else {
             return Some((Out::Text(text), from_message));

@@ -25,8 +25,6 @@ mod set;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
-
 use node::{Node, Obj};
 
 use super::plan::*;
@@ -53,7 +51,7 @@ pub struct BuiltResource {
     pub name: String,
     pub resource_type: String,
     pub id: uuid::Uuid,
-    pub json: Map<String, Value>,
+    pub json: crate::fhir::tree::Obj,
 }
 
 /// What a mapping produced: resources in mapping order, plus warnings (no patient data).
@@ -156,7 +154,7 @@ struct Built<'p> {
     name: &'p str,
     resource_type: &'p str,
     id: uuid::Uuid,
-    json: Obj<'p>,
+    json: Obj,
     trace: Vec<(String, Arc<str>)>,
 }
 
@@ -299,7 +297,7 @@ pub fn run(
                 name: b.name.to_string(),
                 resource_type: b.resource_type.to_string(),
                 id: b.id,
-                json: b.json.into_map(),
+                json: b.json.into_json(),
             })
             .collect(),
         focus,
@@ -333,12 +331,7 @@ fn unmapped_segments(mp: &MessagePlan, msg: &Message) -> Vec<(String, usize)> {
 
 /// `resourceType`, `id` and `meta`, then `content` in its order. A mapping that sets `id` or
 /// `resourceType` itself keeps its value, where the generated one would be.
-fn with_head<'p>(
-    mut content: Obj<'p>,
-    resource_type: Node<'p>,
-    id: Node<'p>,
-    meta: Node<'p>,
-) -> Obj<'p> {
+fn with_head(mut content: Obj, resource_type: Node, id: Node, meta: Node) -> Obj {
     for (at, key, generated) in [
         (0, "resourceType", resource_type),
         (1, "id", id),
@@ -444,7 +437,7 @@ impl<'a, 'm> Runner<'a, 'm> {
         &mut self,
         rp: &ResourcePlan,
         cur: &Cursor<'_>,
-        content: &Obj<'_>,
+        content: &Obj,
         occ: usize,
     ) -> uuid::Uuid {
         let site = self.cx.site;

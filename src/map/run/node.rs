@@ -1,24 +1,21 @@
-//! The JSON tree a resource is built in, turned into a `serde_json::Value` once it is complete.
+//! The JSON tree a resource is built in, turned into the Bundle's [`Json`] tree once complete.
 //!
-//! Why not build the `Value` directly: `serde_json::Map` (with `preserve_order`) is an IndexMap
-//! keyed by owned `String`s and hashed with SipHash. Every rule that writes `name[0].given[1]`
-//! walked it with two or three hashes and a key allocation per step, and pruning and reference
-//! resolution hashed again: together about a third of mapping time. Here keys are borrowed
-//! from the compiled plan (or are constants), an object is a short vector searched by
-//! comparison (FHIR elements have a handful of keys), and a reference placeholder is a variant
-//! of its own, so finding one is a match rather than a string parse. The conversion at the end
-//! hashes each key once.
+//! Like [`Json`] (see `fhir::tree` for why not `serde_json::Value`), an object is a short vector
+//! of members and keys are catalogue names (the compiled plan's target steps point into the FHIR
+//! R4 catalogue) or literals, so a write of `name[0].given[1]` costs comparisons, not hashes and
+//! allocations. The one addition is the reference placeholder, a variant of its own so finding
+//! one is a match rather than a string parse; the conversion at the end is a move.
 
-use serde_json::{Map, Value};
+use crate::fhir::tree::{self, Json, Key};
 
-/// A JSON value under construction. `'p` is the lifetime of the compiled plan the keys come from.
+/// A JSON value under construction.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Node<'p> {
-    Obj(Obj<'p>),
-    Arr(Vec<Node<'p>>),
+pub(crate) enum Node {
+    Obj(Obj),
+    Arr(Vec<Node>),
     Str(String),
     /// Booleans and numbers (a number keeps its text: `1.50` stays `1.50`).
-    Leaf(Value),
+    Leaf(Json),
     /// A reference to pending reference `n`, replaced by a `urn:uuid:` (or removed) once every
     /// resource of the message is built. Only ever the value of a `reference` key.
     Ref(usize),
@@ -26,9 +23,9 @@ pub(crate) enum Node<'p> {
 
 /// A JSON object in insertion order.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Obj<'p>(Vec<(&'p str, Node<'p>)>);
+pub(crate) struct Obj(Vec<(Key, Node)>);
 
-impl<'p> Obj<'p> {
+impl Obj {
     pub fn new() -> Self {
         Obj(Vec::new())
     }
@@ -37,16 +34,17 @@ impl<'p> Obj<'p> {
         self.0.is_empty()
     }
 
-    pub fn get(&self, key: &str) -> Option<&Node<'p>> {
+    pub fn get(&self, key: &str) -> Option<&Node> {
         self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut Node<'p>> {
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Node> {
         self.0.iter_mut().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
     /// The value of `key`, inserted with `make` at the end if absent.
-    pub fn entry(&mut self, key: &'p str, make: impl FnOnce() -> Node<'p>) -> &mut Node<'p> {
+    pub fn entry(&mut self, key: impl Into<Key>, make: impl FnOnce() -> Node) -> &mut Node {
+        let key = key.into();
         let at = match self.0.iter().position(|(k, _)| *k == key) {
             Some(i) => i,
             None => {
@@ -58,45 +56,48 @@ impl<'p> Obj<'p> {
     }
 
     /// Sets `key`: an existing key keeps its position (as `IndexMap::insert` does).
-    pub fn insert(&mut self, key: &'p str, value: Node<'p>) {
-        match self.get_mut(key) {
+    pub fn insert(&mut self, key: impl Into<Key>, value: Node) {
+        let key = key.into();
+        match self.get_mut(&key) {
             Some(slot) => *slot = value,
             None => self.0.push((key, value)),
         }
     }
 
     /// Sets `key` at position `at` (or where it already is).
-    pub fn insert_at(&mut self, at: usize, key: &'p str, value: Node<'p>) {
-        match self.get_mut(key) {
+    pub fn insert_at(&mut self, at: usize, key: impl Into<Key>, value: Node) {
+        let key = key.into();
+        match self.get_mut(&key) {
             Some(slot) => *slot = value,
             None => self.0.insert(at.min(self.0.len()), (key, value)),
         }
     }
 
-    pub fn remove(&mut self, key: &str) -> Option<Node<'p>> {
+    pub fn remove(&mut self, key: &str) -> Option<Node> {
         let i = self.0.iter().position(|(k, _)| *k == key)?;
         Some(self.0.remove(i).1)
     }
 
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Node<'p>> {
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Node> {
         self.0.iter_mut().map(|(_, v)| v)
     }
 
-    fn retain(&mut self, mut keep: impl FnMut(&mut Node<'p>) -> bool) {
+    fn retain(&mut self, mut keep: impl FnMut(&mut Node) -> bool) {
         self.0.retain_mut(|(_, v)| keep(v));
     }
 
-    /// The JSON object.
-    pub fn into_map(self) -> Map<String, Value> {
-        let mut m = Map::with_capacity(self.0.len());
-        for (k, v) in self.0 {
-            m.insert(k.to_owned(), v.into_value());
-        }
-        m
+    /// The finished object (its keys are unique: every write went through `insert`/`entry`).
+    pub fn into_json(self) -> tree::Obj {
+        tree::Obj::from_unique(
+            self.0
+                .into_iter()
+                .map(|(k, v)| (k, v.into_json()))
+                .collect(),
+        )
     }
 }
 
-impl<'p> Node<'p> {
+impl Node {
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Node::Str(s) => Some(s),
@@ -106,13 +107,13 @@ impl<'p> Node<'p> {
 
     /// The JSON value. An unresolved [`Node::Ref`] (never left by [`super::set::resolve_refs`])
     /// becomes `null`, which [`prune`] would have removed.
-    pub fn into_value(self) -> Value {
+    pub fn into_json(self) -> Json {
         match self {
-            Node::Obj(o) => Value::Object(o.into_map()),
-            Node::Arr(a) => Value::Array(a.into_iter().map(Node::into_value).collect()),
-            Node::Str(s) => Value::String(s),
+            Node::Obj(o) => Json::Obj(o.into_json()),
+            Node::Arr(a) => Json::Arr(a.into_iter().map(Node::into_json).collect()),
+            Node::Str(s) => Json::Str(s),
             Node::Leaf(v) => v,
-            Node::Ref(_) => Value::Null,
+            Node::Ref(_) => Json::Null,
         }
     }
 
@@ -130,7 +131,7 @@ impl<'p> Node<'p> {
 }
 
 /// Removes empty objects, arrays and strings (FHIR forbids them); true if `v` itself is empty.
-pub(crate) fn prune(v: &mut Node<'_>) -> bool {
+pub(crate) fn prune(v: &mut Node) -> bool {
     match v {
         Node::Obj(m) => {
             m.retain(|c| !prune(c));
@@ -141,7 +142,7 @@ pub(crate) fn prune(v: &mut Node<'_>) -> bool {
             a.is_empty()
         }
         Node::Str(s) => s.is_empty(),
-        Node::Leaf(Value::Null) | Node::Ref(_) => true,
+        Node::Leaf(Json::Null) | Node::Ref(_) => true,
         Node::Leaf(_) => false,
     }
 }
@@ -158,7 +159,7 @@ mod tests {
         o.insert("b", Node::Str("3".into()));
         o.insert_at(0, "resourceType", Node::Str("Patient".into()));
         o.insert_at(0, "a", Node::Str("4".into()));
-        let v = Node::Obj(o).into_value();
+        let v = Node::Obj(o).into_json();
         assert_eq!(
             serde_json::to_string(&v).expect("json"),
             r#"{"resourceType":"Patient","b":"3","a":"4"}"#
@@ -175,9 +176,12 @@ mod tests {
             "name",
             Node::Arr(vec![Node::Obj(Obj::new()), Node::Str(String::new())]),
         );
-        o.insert("active", Node::Leaf(Value::Bool(false)));
+        o.insert("active", Node::Leaf(Json::Bool(false)));
         let mut n = Node::Obj(o);
         assert!(!prune(&mut n));
-        assert_eq!(n.into_value(), serde_json::json!({ "active": false }));
+        assert_eq!(
+            n.into_json().to_value(),
+            serde_json::json!({ "active": false })
+        );
     }
 }

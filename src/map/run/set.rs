@@ -24,10 +24,10 @@ fn position(idx: Index, len: usize) -> usize {
 
 /// Writes `value` at `path` inside `obj`, creating objects and arrays on the way. With `want`,
 /// returns the concrete path written (`name[1].given[0]`), for `--explain`.
-pub(super) fn set_path<'p>(
-    obj: &mut Obj<'p>,
-    path: &'p TargetPath,
-    value: Node<'p>,
+pub(super) fn set_path(
+    obj: &mut Obj,
+    path: &TargetPath,
+    value: Node,
     rule: &RulePlan,
     want: bool,
 ) -> Result<Option<String>, RunError> {
@@ -49,7 +49,7 @@ pub(super) fn set_path<'p>(
     };
     let mut here = obj;
     for step in init {
-        let slot = here.entry(&step.name, || match step.index {
+        let slot = here.entry(step.name.clone(), || match step.index {
             Index::None => Node::Obj(Obj::new()),
             _ => Node::Arr(Vec::new()),
         });
@@ -105,10 +105,10 @@ pub(super) fn set_path<'p>(
     match last.index {
         Index::None => {
             note(&last.name, None);
-            here.insert(&last.name, value);
+            here.insert(last.name.clone(), value);
         }
         idx => {
-            let slot = here.entry(&last.name, || Node::Arr(Vec::new()));
+            let slot = here.entry(last.name.clone(), || Node::Arr(Vec::new()));
             let Node::Arr(a) = slot else {
                 return Err(conflict(
                     rule,
@@ -139,7 +139,7 @@ pub(super) fn set_path<'p>(
 
 /// Replaces reference placeholders by `urn:uuid:`s: a list element stands for every resolved
 /// target (it is repeated), a single element for the first; with none, the reference is dropped.
-pub(super) fn resolve_refs(v: &mut Node<'_>, resolved: &[Vec<&str>]) {
+pub(super) fn resolve_refs(v: &mut Node, resolved: &[Vec<&str>]) {
     match v {
         // Without a target the placeholder stays, and pruning removes it.
         Node::Ref(i) => {
@@ -174,7 +174,7 @@ pub(super) fn resolve_refs(v: &mut Node<'_>, resolved: &[Vec<&str>]) {
     }
 }
 
-fn set_reference(v: &mut Node<'_>, urn: &str) {
+fn set_reference(v: &mut Node, urn: &str) {
     if let Node::Obj(m) = v {
         m.insert("reference", Node::Str(urn.to_string()));
     }
