@@ -13,6 +13,7 @@ use std::collections::HashSet;
 
 use super::nhs;
 use super::tree::Json;
+use crate::map::fhir_model::{Kind, TypeDef, model};
 
 /// Every problem found, each with the element path; no patient data.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +40,10 @@ fn structural(bundle: &Json, problems: &mut Vec<String>) {
     if let Err(e) = Bundle::deserialize(bundle) {
         problems.push(format!("FHIR R4 structure: {e}"));
     }
-    let mut path = Path(vec![Seg::Key("Bundle")]);
-    unknown_elements(bundle, "Bundle", &mut path, problems);
+    if let Some(def) = model().get("Bundle") {
+        let mut path = Path(vec![Seg::Key("Bundle")]);
+        unknown_elements(bundle, def, &mut path, problems);
+    }
 }
 
 /// Reports every key of `value` (of FHIR type `type_name`) that is not an element of that type
@@ -50,25 +53,15 @@ fn structural(bundle: &Json, problems: &mut Vec<String>) {
 /// values of the wrong JSON kind, are left to fhir-sdk's deserialisation, which reports them.
 fn unknown_elements<'a>(
     value: &'a Json,
-    type_name: &str,
+    def: &TypeDef,
     path: &mut Path<'a>,
     problems: &mut Vec<String>,
 ) {
     let Json::Obj(map) = value else {
         return;
     };
-    let type_name = if type_name == "ResourceList" {
-        map.get("resourceType")
-            .and_then(Json::as_str)
-            .unwrap_or_default()
-    } else {
-        type_name
-    };
-    let Some(def) = crate::map::fhir_model::model().get(type_name) else {
-        return;
-    };
     for (key, v) in map.iter() {
-        if key == "resourceType" && def.kind == crate::map::fhir_model::Kind::Resource {
+        if key == "resourceType" && def.kind == Kind::Resource {
             continue;
         }
         // `_birthDate` carries the id/extensions of the primitive `birthDate`.
@@ -80,16 +73,35 @@ fn unknown_elements<'a>(
         match def.element(name) {
             None => problems.push(format!("{path} is not an element of FHIR R4")),
             Some(_) if primitive_extension => {}
-            Some(el) => match v {
-                Json::Arr(items) => {
-                    for (i, item) in items.iter().enumerate() {
-                        path.0.push(Seg::Index(i));
-                        unknown_elements(item, el.type_name, path, problems);
-                        path.0.pop();
+            Some(el) => {
+                // A contained or entry resource is of the type its `resourceType` names.
+                let type_of = |item: &Json| {
+                    if el.type_name == "ResourceList" {
+                        item.get("resourceType")
+                            .and_then(Json::as_str)
+                            .and_then(|t| model().get(t))
+                    } else {
+                        model().type_of(el)
+                    }
+                    .filter(|t| t.kind != Kind::Primitive)
+                };
+                match v {
+                    Json::Arr(items) => {
+                        for (i, item) in items.iter().enumerate() {
+                            if let Some(ty) = type_of(item) {
+                                path.0.push(Seg::Index(i));
+                                unknown_elements(item, ty, path, problems);
+                                path.0.pop();
+                            }
+                        }
+                    }
+                    _ => {
+                        if let Some(ty) = type_of(v) {
+                            unknown_elements(v, ty, path, problems);
+                        }
                     }
                 }
-                _ => unknown_elements(v, el.type_name, path, problems),
-            },
+            }
         }
         path.0.pop();
     }

@@ -29,6 +29,9 @@ pub struct Element {
     pub name: &'static str,
     pub list: bool,
     pub type_name: &'static str,
+    /// Where `type_name` is in the catalogue ([`Model::type_of`]), so walking a tree by type
+    /// costs no lookup by name.
+    ty: Option<usize>,
     /// The required codes, for `code` elements bound to a required value set.
     pub codes: Vec<&'static str>,
 }
@@ -41,15 +44,20 @@ pub struct TypeDef {
 }
 
 impl TypeDef {
+    /// The element `name` (elements are kept sorted by name: Extension alone has fifty).
     pub fn element(&self, name: &str) -> Option<&Element> {
-        self.elements.iter().find(|e| e.name == name)
+        self.elements
+            .binary_search_by(|e| e.name.cmp(name))
+            .ok()
+            .map(|i| &self.elements[i])
     }
 }
 
 /// The whole catalogue.
 #[derive(Debug)]
 pub struct Model {
-    types: HashMap<&'static str, TypeDef>,
+    defs: Vec<TypeDef>,
+    by_name: HashMap<&'static str, usize>,
 }
 
 /// The catalogue, parsed on first use.
@@ -60,7 +68,7 @@ pub fn model() -> &'static Model {
 
 impl Model {
     fn parse(text: &'static str) -> Model {
-        let mut types = HashMap::new();
+        let mut defs = Vec::new();
         for line in text.lines() {
             let mut parts = line.split('\t');
             let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
@@ -71,7 +79,7 @@ impl Model {
                 "P" => Kind::Primitive,
                 _ => Kind::Complex,
             };
-            let elements = parts
+            let mut elements = parts
                 .filter_map(|e| {
                     let (spec, codes) = match e.split_once('=') {
                         Some((s, c)) => (s, c.split('|').collect()),
@@ -86,24 +94,35 @@ impl Model {
                         name,
                         list,
                         type_name,
+                        ty: None,
                         codes,
                     })
                 })
-                .collect();
-            types.insert(
+                .collect::<Vec<_>>();
+            elements.sort_unstable_by(|a, b| a.name.cmp(b.name));
+            defs.push(TypeDef {
                 name,
-                TypeDef {
-                    name,
-                    kind,
-                    elements,
-                },
-            );
+                kind,
+                elements,
+            });
         }
-        Model { types }
+        let by_name: HashMap<&'static str, usize> =
+            defs.iter().enumerate().map(|(i, d)| (d.name, i)).collect();
+        for d in &mut defs {
+            for e in &mut d.elements {
+                e.ty = by_name.get(e.type_name).copied();
+            }
+        }
+        Model { defs, by_name }
     }
 
     pub fn get(&self, name: &str) -> Option<&TypeDef> {
-        self.types.get(name)
+        self.by_name.get(name).map(|&i| &self.defs[i])
+    }
+
+    /// The definition of an element's type (`None` for a type the catalogue lacks).
+    pub fn type_of(&self, el: &Element) -> Option<&TypeDef> {
+        el.ty.and_then(|i| self.defs.get(i))
     }
 
     pub fn is_resource(&self, name: &str) -> bool {
@@ -113,8 +132,8 @@ impl Model {
     /// Every resource type name, sorted (for suggestions).
     pub fn resource_names(&self) -> Vec<&'static str> {
         let mut v: Vec<_> = self
-            .types
-            .values()
+            .defs
+            .iter()
             .filter(|t| t.kind == Kind::Resource)
             .map(|t| t.name)
             .collect();
@@ -125,8 +144,8 @@ impl Model {
     /// Every complex (non-primitive, non-resource) type name, sorted.
     pub fn complex_names(&self) -> Vec<&'static str> {
         let mut v: Vec<_> = self
-            .types
-            .values()
+            .defs
+            .iter()
             .filter(|t| t.kind == Kind::Complex && !t.name.contains('_'))
             .map(|t| t.name)
             .collect();
@@ -162,5 +181,20 @@ mod tests {
         assert!(m.get("Patient_Contact").is_some());
         assert!(m.resource_names().contains(&"DiagnosticReport"));
         assert!(!m.is_resource("HumanName"));
+        assert_eq!(m.type_of(name).map(|t| t.name), Some("HumanName"));
+        // Every element of every type is found by name, and every type it names is defined.
+        for d in &m.defs {
+            for e in &d.elements {
+                assert!(std::ptr::eq(d.element(e.name).expect("found"), e));
+                // `ResourceList`: any resource, named by the value's `resourceType`.
+                assert!(
+                    m.type_of(e).is_some() || e.type_name == "ResourceList",
+                    "{}.{}: {}",
+                    d.name,
+                    e.name,
+                    e.type_name
+                );
+            }
+        }
     }
 }

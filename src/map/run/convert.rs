@@ -1,7 +1,5 @@
 //! The function library (`fn:`) and conversions to FHIR primitives (`as:`, or the target's type).
 
-use crate::fhir::tree::Json;
-
 use super::node::Node;
 use super::{RunContext, Runner};
 use crate::fhir::{nhs, time};
@@ -132,15 +130,15 @@ impl Runner<'_, '_> {
                 }
             }
             Convert::Boolean => match text.trim().to_ascii_uppercase().as_str() {
-                "Y" | "YES" | "TRUE" | "T" | "1" => Some(Node::Leaf(Json::Bool(true))),
-                "N" | "NO" | "FALSE" | "F" | "0" => Some(Node::Leaf(Json::Bool(false))),
+                "Y" | "YES" | "TRUE" | "T" | "1" => Some(Node::Bool(true)),
+                "N" | "NO" | "FALSE" | "F" | "0" => Some(Node::Bool(false)),
                 _ => {
                     warn("not a boolean (Y/N)");
                     None
                 }
             },
             Convert::Integer => match text.trim().parse::<i64>() {
-                Ok(i) => Some(Node::Leaf(Json::Num(i.into()))),
+                Ok(i) => Some(Node::Num(i.into())),
                 Err(_) => {
                     warn("not an integer");
                     None
@@ -158,7 +156,7 @@ impl Runner<'_, '_> {
                     && !digits.ends_with('.');
                 let t = t.trim_start_matches('+');
                 match (looks_decimal, serde_json::from_str::<serde_json::Number>(t)) {
-                    (true, Ok(n)) => Some(Node::Leaf(Json::Num(n))),
+                    (true, Ok(n)) => Some(Node::Num(n)),
                     _ => {
                         warn("not a decimal");
                         None

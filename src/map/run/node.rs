@@ -8,14 +8,16 @@
 
 use crate::fhir::tree::{self, Json, Key};
 
-/// A JSON value under construction.
+/// A JSON value under construction. Its variants mirror [`Json`]'s (same size), so the final
+/// conversion reuses every vector in place rather than allocating the tree again.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Node {
     Obj(Obj),
     Arr(Vec<Node>),
     Str(String),
-    /// Booleans and numbers (a number keeps its text: `1.50` stays `1.50`).
-    Leaf(Json),
+    Bool(bool),
+    /// A number keeps its text: `1.50` stays `1.50`.
+    Num(serde_json::Number),
     /// A reference to pending reference `n`, replaced by a `urn:uuid:` (or removed) once every
     /// resource of the message is built. Only ever the value of a `reference` key.
     Ref(usize),
@@ -112,7 +114,8 @@ impl Node {
             Node::Obj(o) => Json::Obj(o.into_json()),
             Node::Arr(a) => Json::Arr(a.into_iter().map(Node::into_json).collect()),
             Node::Str(s) => Json::Str(s),
-            Node::Leaf(v) => v,
+            Node::Bool(b) => Json::Bool(b),
+            Node::Num(n) => Json::Num(n),
             Node::Ref(_) => Json::Null,
         }
     }
@@ -142,14 +145,23 @@ pub(crate) fn prune(v: &mut Node) -> bool {
             a.is_empty()
         }
         Node::Str(s) => s.is_empty(),
-        Node::Leaf(Json::Null) | Node::Ref(_) => true,
-        Node::Leaf(_) => false,
+        Node::Ref(_) => true,
+        Node::Bool(_) | Node::Num(_) => false,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_have_the_size_of_the_finished_trees_members() {
+        assert_eq!(
+            std::mem::size_of::<(Key, Node)>(),
+            std::mem::size_of::<(Key, Json)>()
+        );
+        assert_eq!(std::mem::size_of::<Node>(), std::mem::size_of::<Json>());
+    }
 
     #[test]
     fn objects_keep_insertion_order_and_replace_in_place() {
@@ -176,7 +188,7 @@ mod tests {
             "name",
             Node::Arr(vec![Node::Obj(Obj::new()), Node::Str(String::new())]),
         );
-        o.insert("active", Node::Leaf(Json::Bool(false)));
+        o.insert("active", Node::Bool(false));
         let mut n = Node::Obj(o);
         assert!(!prune(&mut n));
         assert_eq!(

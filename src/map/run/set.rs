@@ -170,7 +170,7 @@ pub(super) fn resolve_refs(v: &mut Node, resolved: &[Vec<&str>]) {
         }
         Node::Arr(a) => a.iter_mut().for_each(|item| resolve_refs(item, resolved)),
         Node::Obj(m) => m.iter_mut().for_each(|child| resolve_refs(child, resolved)),
-        Node::Str(_) | Node::Leaf(_) => {}
+        Node::Str(_) | Node::Bool(_) | Node::Num(_) => {}
     }
 }
 
