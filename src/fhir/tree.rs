@@ -107,11 +107,7 @@ impl Obj {
         self.0.iter().map(|(k, v)| (k.as_ref(), v))
     }
 
-    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Json> {
-        self.0.iter_mut().map(|(_, v)| v)
-    }
-
-    pub fn to_map(&self) -> serde_json::Map<String, Value> {
+    fn to_map(&self) -> serde_json::Map<String, Value> {
         self.iter()
             .map(|(k, v)| (k.to_owned(), v.to_value()))
             .collect()
