@@ -160,12 +160,20 @@ impl SiteConfig {
 
     /// A local identifier system for `kind` (`mrn`, `visit-number`, `message-id`, ...).
     pub fn local_system(&self, kind: &str) -> String {
-        format!(
-            "{}/{}/{}",
-            self.identifier_base.trim_end_matches('/'),
-            self.ods_code,
-            kind
-        )
+        let mut s = String::new();
+        self.push_local_system(&mut s, kind);
+        s
+    }
+
+    /// [`Self::local_system`] appended to `out` (mappings name these systems in many rules).
+    pub fn push_local_system(&self, out: &mut String, kind: &str) {
+        let base = self.identifier_base.trim_end_matches('/');
+        out.reserve(base.len() + self.ods_code.len() + kind.len() + 2);
+        out.push_str(base);
+        out.push('/');
+        out.push_str(&self.ods_code);
+        out.push('/');
+        out.push_str(kind);
     }
 }
 

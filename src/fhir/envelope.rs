@@ -107,7 +107,7 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Json {
 
     let mut mh = Obj::with_capacity(9);
     mh.insert("resourceType", "MessageHeader");
-    mh.insert("id", header_id.to_string());
+    mh.insert("id", ids::text(&header_id));
     mh.insert("meta", meta());
     mh.insert(
         "eventCoding",
@@ -152,7 +152,7 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Json {
     }
     let provenance = obj([
         ("resourceType", "Provenance".into()),
-        ("id", provenance_id.to_string().into()),
+        ("id", ids::text(&provenance_id).into()),
         ("meta", meta()),
         ("target", targets.into()),
         ("recorded", received.into()),
@@ -194,7 +194,7 @@ pub fn assemble(input: &EnvelopeInput<'_>, mapped: MapResult) -> Json {
 
     obj([
         ("resourceType", "Bundle".into()),
-        ("id", bundle_id.to_string().into()),
+        ("id", ids::text(&bundle_id).into()),
         ("meta", meta()),
         (
             "identifier",

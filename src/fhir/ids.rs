@@ -93,7 +93,20 @@ fn decimal(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
 /// `urn:uuid:<lower-case hyphenated uuid>`, the form FHIR uses for `Bundle.entry.fullUrl` and
 /// references inside a transaction/message Bundle.
 pub fn urn(u: &Uuid) -> String {
-    format!("urn:uuid:{}", u.hyphenated())
+    let mut s = String::with_capacity(URN_PREFIX.len() + uuid::fmt::Hyphenated::LENGTH);
+    s.push_str(URN_PREFIX);
+    s.push_str(u.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()));
+    s
+}
+
+const URN_PREFIX: &str = "urn:uuid:";
+
+/// The lower-case hyphenated form of `u` (a resource's `id`), as `u.to_string()` writes it but
+/// without the formatting machinery: a message writes ~20 of these and as many `urn`s.
+pub fn text(u: &Uuid) -> String {
+    u.hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_string()
 }
 
 #[cfg(test)]
@@ -114,6 +127,8 @@ mod tests {
         // Computed independently (Python `uuid.uuid5`) when the scheme was fixed; must never change.
         assert_eq!(u.to_string(), "c67309c5-9629-5778-9f9e-612df19c898c");
         assert_eq!(u.get_version_num(), 5);
+        assert_eq!(text(&u), u.to_string());
+        assert_eq!(urn(&u), "urn:uuid:c67309c5-9629-5778-9f9e-612df19c898c");
     }
 
     #[test]

@@ -47,57 +47,74 @@ fn write_value(v: &Json, out: &mut Vec<u8>) {
     }
 }
 
-/// JSON.stringify string serialisation: only `"`, `\` and C0 controls are escaped; everything else
-/// (including U+007F, U+2028 and non-ASCII) is written as UTF-8.
+/// JSON.stringify string serialisation: only `"`, `\`, and C0 controls are escaped; everything
+/// else (including U+007F, U+2028 and non-ASCII) is written as UTF-8.
 ///
 /// Runs that need no escape (nearly all of a FHIR Bundle) are found eight bytes at a time and
-/// copied in one piece. The scan is by byte: bytes of a multi-byte UTF-8 character are all
-/// >= 0x80, so they never match.
+/// copied in one piece; the bytes after a flagged word, and the tail of a string (most keys are
+/// shorter than a word), are classified through a table. The scan is by byte: bytes of a
+/// multi-byte UTF-8 character are all >= 0x80, so they never match.
 pub fn write_string(s: &str, out: &mut Vec<u8>) {
-    out.reserve(s.len() + 2);
-    out.push(b'"');
     let bytes = s.as_bytes();
+    let n = bytes.len();
+    out.reserve(n + 2);
+    out.push(b'"');
     let mut start = 0;
     let mut i = 0;
-    while i < bytes.len() {
+    while i < n {
         // Skip whole words with nothing to escape.
-        if let Some(word) = bytes.get(i..i + 8) {
+        while let Some(word) = bytes.get(i..i + 8) {
             let mut w = [0u8; 8];
             w.copy_from_slice(word);
-            if !needs_escape(u64::from_le_bytes(w)) {
-                i += 8;
-                continue;
+            if needs_escape(u64::from_le_bytes(w)) {
+                break;
             }
+            i += 8;
         }
-        let b = bytes.get(i).copied().unwrap_or(b' ');
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            0x0C => b"\\f",
-            b'\r' => b"\\r",
-            0..0x20 => {
-                out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
-                out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
-                i += 1;
-                start = i;
-                continue;
-            }
-            _ => {
-                i += 1;
-                continue;
-            }
+        // The next byte to escape among the following (at most eight) bytes.
+        let end = n.min(i + 8);
+        let found = bytes
+            .get(i..end)
+            .and_then(|rest| rest.iter().position(|b| ESCAPE[usize::from(*b)] != 0));
+        let Some(at) = found.map(|k| i + k) else {
+            i = end;
+            continue;
         };
-        out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
-        out.extend_from_slice(escape);
-        i += 1;
+        out.extend_from_slice(bytes.get(start..at).unwrap_or_default());
+        let b = bytes.get(at).copied().unwrap_or(b' ');
+        match ESCAPE[usize::from(b)] {
+            b'u' => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xF)]);
+            }
+            short => out.extend_from_slice(&[b'\\', short]),
+        }
+        i = at + 1;
         start = i;
     }
     out.extend_from_slice(bytes.get(start..).unwrap_or_default());
     out.push(b'"');
 }
+
+/// Per byte: 0 when written as is, else the letter after the backslash (`u` for `\\u00XX`).
+static ESCAPE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = b'u';
+        b += 1;
+    }
+    t[0x08] = b'b';
+    t[0x09] = b't';
+    t[0x0A] = b'n';
+    t[0x0C] = b'f';
+    t[0x0D] = b'r';
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t
+};
 
 /// Whether any byte of `w` is a C0 control, `"` or `\` (the classic "has a byte less than n" and
 /// "has a zero byte" word tricks; exact, no false positives or negatives).
@@ -142,6 +159,26 @@ mod tests {
                 serde_json::to_string(s).expect("json"),
                 "{s:?}"
             );
+        }
+    }
+
+    #[test]
+    fn every_ascii_character_at_every_position_of_short_and_long_strings_is_escaped_as_serde_json_does()
+    {
+        // Word scan, the table scan after a flagged word and the tail scan each see the character.
+        for len in 1..=19 {
+            for pos in 0..len {
+                for c in (0u8..0x80).map(char::from).chain(['é', '\u{2028}']) {
+                    let s: String = (0..len).map(|k| if k == pos { c } else { 'a' }).collect();
+                    let mut out = Vec::new();
+                    write_string(&s, &mut out);
+                    assert_eq!(
+                        String::from_utf8(out).expect("utf-8"),
+                        serde_json::to_string(&s).expect("json"),
+                        "{s:?}"
+                    );
+                }
+            }
         }
     }
 

@@ -114,7 +114,22 @@ pub struct ResourcePlan {
     /// `map:`: a datatype map's rules building the resource body, applied before `rules`.
     pub body: Option<Arc<Vec<RulePlan>>>,
     pub rules: Vec<RulePlan>,
+    /// How many members the resource can have (see [`width`]), with `resourceType`, `id` and
+    /// `meta`.
+    pub width: usize,
     pub origin: Arc<str>,
+}
+
+/// How many members an element built by `rules` can have: the distinct first steps of their
+/// targets. Known when the plan is compiled, so each element is allocated once at its size.
+pub fn width(rules: &[RulePlan]) -> usize {
+    let mut names: Vec<&str> = rules
+        .iter()
+        .filter_map(|r| r.target.0.first().map(|s| &*s.name))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names.len()
 }
 
 /// A variable: a named value computed once per message or resource instance.
@@ -184,7 +199,12 @@ pub enum Source {
         resource: usize,
         all: bool,
     },
-    Object(Arc<Vec<RulePlan>>),
+    /// An element built by `rules`; `width` is how many members it can have (the distinct
+    /// first steps of their targets), so it is allocated once rather than grown.
+    Object {
+        rules: Arc<Vec<RulePlan>>,
+        width: usize,
+    },
 }
 
 /// Translation through a value map, shaped for the target element.

@@ -536,7 +536,11 @@ impl<'a> Compiler<'a> {
             );
         }
         let rules = self.rules(&r.rules, &sc);
+        let width = 3
+            + crate::map::plan::width(&rules)
+            + body.as_deref().map_or(0, |b| crate::map::plan::width(b));
         Some(ResourcePlan {
+            width,
             name: r.name.value.clone(),
             resource_type: rtype?.to_string(),
             profile: r.profile.clone(),
@@ -804,8 +808,12 @@ impl<'a> Compiler<'a> {
                 depth: sc.depth + 1,
                 ..inner
             };
+            let rules = self.rules(children, &csc);
             (
-                Source::Object(Arc::new(self.rules(children, &csc))),
+                Source::Object {
+                    width: crate::map::plan::width(&rules),
+                    rules: Arc::new(rules),
+                },
                 Convert::None,
             )
         } else if let Some(m) = &r.map {
@@ -837,7 +845,13 @@ impl<'a> Compiler<'a> {
                     ),
                 );
             }
-            (Source::Object(rules), Convert::None)
+            (
+                Source::Object {
+                    width: crate::map::plan::width(&rules),
+                    rules,
+                },
+                Convert::None,
+            )
         } else {
             let source = self.scalar(file, &r.from, &r.join, &r.sep, &r.value, &inner);
             let functions = self.functions(file, &r.functions);

@@ -78,9 +78,12 @@ impl<'a, 'm> Runner<'a, 'm> {
                 m.insert("reference", Node::Ref(idx));
                 (Node::Obj(m), true, None)
             }
-            Source::Object(children) => {
+            Source::Object {
+                rules: children,
+                width,
+            } => {
                 let mark = self.trace.as_ref().map(|t| t.elements.len());
-                let mut child = Obj::new();
+                let mut child = Obj::with_capacity(*width);
                 let from_message = self.rules(children, cur, &mut child)?;
                 if !from_message && !rule.always {
                     if let (Some(t), Some(m)) = (&mut self.trace, mark) {
@@ -267,7 +270,13 @@ impl<'a, 'm> Runner<'a, 'm> {
     /// Renders a template; the flag says whether any part came from the message.
     fn render(&mut self, t: &Template, cur: &Cursor<'_>) -> (String, bool) {
         let h = self.msg.header();
-        let mut s = String::new();
+        // Sized for the literal text and a short value per other part, so most renders
+        // allocate once.
+        let size = t.0.iter().fold(0, |n, p| match p {
+            TplPart::Lit(l) => n + l.len(),
+            _ => n + 24,
+        });
+        let mut s = String::with_capacity(size);
         let mut msg = false;
         for p in &t.0 {
             match p {
@@ -288,7 +297,7 @@ impl<'a, 'm> Runner<'a, 'm> {
                             "site variable `{name}` is not configured ([site.variables]); left empty"
                         )),
                     },
-                    Var::System(kind) => s.push_str(&self.cx.site.local_system(kind)),
+                    Var::System(kind) => self.cx.site.push_local_system(&mut s, kind),
                     Var::Feed => s.push_str(self.cx.feed),
                     Var::MessageCode => s.push_str(&h.message_type.code),
                     Var::MessageTrigger => s.push_str(&h.message_type.trigger),
@@ -351,10 +360,22 @@ impl<'a, 'm> Runner<'a, 'm> {
                     }
                     return present.is_some() == *e;
                 }
-                let v = self.operand(subject, cur);
+                // A variable is compared where it is, not copied.
+                let from_path;
+                let v: Option<&str> = match subject {
+                    Operand::Var(slot) => self
+                        .vars
+                        .get(*slot)
+                        .and_then(Option::as_ref)
+                        .map(|v| v.text.as_str()),
+                    Operand::Path(p) => {
+                        from_path = self.scalar_ref(p, cur);
+                        from_path.as_deref()
+                    }
+                };
                 match test {
                     Test::Exists(e) => v.is_some() == *e,
-                    Test::Equals(x) => v.as_deref() == Some(x.as_str()),
+                    Test::Equals(x) => v == Some(x.as_str()),
                     Test::In(xs) => v.is_some_and(|v| xs.iter().any(|x| *x == v)),
                     Test::NotIn(xs) => v.is_none_or(|v| !xs.iter().any(|x| *x == v)),
                     Test::StartsWith(x) => v.is_some_and(|v| v.starts_with(x.as_str())),
@@ -366,7 +387,6 @@ impl<'a, 'm> Runner<'a, 'm> {
                     }),
                     Test::NhsNumber { valid } => {
                         let ok = v
-                            .as_deref()
                             .and_then(nhs::normalise_nhs_number)
                             .is_some_and(|n| nhs::is_valid_nhs_number(&n));
                         // `invalid` means "present but failing": an absent number is neither.

@@ -29,7 +29,7 @@ use node::{Node, Obj};
 
 use super::plan::*;
 use crate::config::SiteConfig;
-use crate::fhir::ids;
+use crate::fhir::{ids, tree};
 use crate::hl7::Message;
 use scope::{Cursor, RepFrame, ScopeIds, compatible};
 
@@ -244,29 +244,32 @@ pub fn run(
             }
         })
         .collect();
-    for b in &mut built {
-        let mut v = Node::Obj(std::mem::take(&mut b.json));
-        if b.has_refs {
-            set::resolve_refs(&mut v, &resolved);
-        }
-        node::prune(&mut v);
-        if let Node::Obj(m) = v {
-            b.json = m;
-        }
-    }
-
     if let Some(e) = r.refused.take() {
         return Err(e);
     }
+    // Each resource in its final form: references resolved, empty elements gone.
+    let finished = built.into_iter().map(|mut b| {
+        let json = if b.has_refs {
+            let mut v = Node::Obj(std::mem::take(&mut b.json));
+            set::resolve_refs(&mut v, &resolved);
+            match v {
+                Node::Obj(m) => m,
+                _ => Obj::new(),
+            }
+        } else {
+            std::mem::take(&mut b.json)
+        };
+        (b, json.into_pruned_json())
+    });
     // One entry per id: a resource built again with the same id (the same ordering clinician on
     // every OBR, keyed by the same identifier) is the same resource; references to it already
     // carry that id. A later copy that differs is dropped with a warning (no values in it).
-    let mut seen: HashMap<uuid::Uuid, usize> = HashMap::with_capacity(built.len());
-    let mut kept: Vec<Built> = Vec::with_capacity(built.len());
-    for b in built {
+    let mut seen: HashMap<uuid::Uuid, usize> = HashMap::with_capacity(finished.len());
+    let mut kept: Vec<(Built, tree::Obj)> = Vec::with_capacity(finished.len());
+    for (b, json) in finished {
         match seen.get(&b.id) {
             Some(&k) => {
-                if kept[k].json != b.json {
+                if kept[k].1 != json {
                     r.warnings.push(format!(
                         "resource `{}` ({}): two instances share an id but differ; the first is kept",
                         b.name, b.resource_type
@@ -275,13 +278,13 @@ pub fn run(
             }
             None => {
                 seen.insert(b.id, kept.len());
-                kept.push(b);
+                kept.push((b, json));
             }
         }
     }
     let built = kept;
 
-    let first_of = |i: usize| built.iter().position(|b| b.plan_index == i);
+    let first_of = |i: usize| built.iter().position(|(b, _)| b.plan_index == i);
     let focus = mp
         .focus
         .iter()
@@ -289,15 +292,18 @@ pub fn run(
         .take(1)
         .collect();
     let sender = mp.sender.and_then(first_of);
-    let explain = r.trace.take().map(|t| r.explanation(t, &built));
+    let explain = r.trace.take().map(|t| {
+        let traces = built.iter().map(|(b, _)| b.trace.clone()).collect();
+        r.explanation(t, traces)
+    });
     Ok(MapResult {
         resources: built
             .into_iter()
-            .map(|b| BuiltResource {
+            .map(|(b, json)| BuiltResource {
                 name: b.name.to_string(),
                 resource_type: b.resource_type.to_string(),
                 id: b.id,
-                json: b.json.into_json(),
+                json,
             })
             .collect(),
         focus,
@@ -372,7 +378,7 @@ impl<'a, 'm> Runner<'a, 'm> {
         let mark = self.trace.as_ref().map(|t| t.elements.len());
         let pending_before = self.pending.len();
         self.flags.clear();
-        let mut content = Obj::new();
+        let mut content = Obj::with_capacity(rp.width);
         let mut any = false;
         if let Some(body) = &rp.body {
             any |= self.rules(body, cur, &mut content)?;
@@ -417,7 +423,7 @@ impl<'a, 'm> Runner<'a, 'm> {
         let json = with_head(
             content,
             Node::Str(rp.resource_type.clone()),
-            Node::Str(id.to_string()),
+            Node::Str(ids::text(&id)),
             Node::Obj(meta),
         );
         built.push(Built {
@@ -496,7 +502,7 @@ impl<'a, 'm> Runner<'a, 'm> {
         }
     }
 
-    fn explanation(&self, t: Trace, built: &[Built]) -> Explanation {
+    fn explanation(&self, t: Trace, traces: Vec<Vec<(String, Arc<str>)>>) -> Explanation {
         let mut used = t.used;
         // The envelope reads these MSH fields itself.
         for f in [1, 2, 3, 4, 7, 9, 10, 12, 18] {
@@ -522,7 +528,7 @@ impl<'a, 'm> Runner<'a, 'm> {
         Explanation {
             mapping: self.mp.name.clone(),
             mapping_origin: self.mp.origin.to_string(),
-            elements: built.iter().map(|b| b.trace.clone()).collect(),
+            elements: traces,
             unused_segments,
             unused_fields,
         }

@@ -32,8 +32,8 @@ impl Obj {
         Obj(Vec::new())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    pub fn with_capacity(n: usize) -> Self {
+        Obj(Vec::with_capacity(n))
     }
 
     pub fn get(&self, key: &str) -> Option<&Node> {
@@ -84,16 +84,13 @@ impl Obj {
         self.0.iter_mut().map(|(_, v)| v)
     }
 
-    fn retain(&mut self, mut keep: impl FnMut(&mut Node) -> bool) {
-        self.0.retain_mut(|(_, v)| keep(v));
-    }
-
-    /// The finished object (its keys are unique: every write went through `insert`/`entry`).
-    pub fn into_json(self) -> tree::Obj {
+    /// The finished object, without its empty members (see [`Node::into_pruned_json`]). Its
+    /// keys are unique: every write went through `insert`/`entry`.
+    pub fn into_pruned_json(self) -> tree::Obj {
         tree::Obj::from_unique(
             self.0
                 .into_iter()
-                .map(|(k, v)| (k, v.into_json()))
+                .filter_map(|(k, v)| Some((k, v.into_pruned_json()?)))
                 .collect(),
         )
     }
@@ -107,16 +104,24 @@ impl Node {
         }
     }
 
-    /// The JSON value. An unresolved [`Node::Ref`] (never left by [`super::set::resolve_refs`])
-    /// becomes `null`, which [`prune`] would have removed.
-    pub fn into_json(self) -> Json {
+    /// The JSON value without empty objects, arrays and strings (FHIR forbids them), or `None`
+    /// if nothing is left of it. A [`Node::Ref`] still here had no target (see
+    /// [`super::set::resolve_refs`]): it goes too, and so does its `reference` element if that
+    /// was all it held. One walk that moves every vector in place (same layout).
+    pub fn into_pruned_json(self) -> Option<Json> {
         match self {
-            Node::Obj(o) => Json::Obj(o.into_json()),
-            Node::Arr(a) => Json::Arr(a.into_iter().map(Node::into_json).collect()),
-            Node::Str(s) => Json::Str(s),
-            Node::Bool(b) => Json::Bool(b),
-            Node::Num(n) => Json::Num(n),
-            Node::Ref(_) => Json::Null,
+            Node::Obj(o) => {
+                let o = o.into_pruned_json();
+                (!o.is_empty()).then_some(Json::Obj(o))
+            }
+            Node::Arr(a) => {
+                let a: Vec<Json> = a.into_iter().filter_map(Node::into_pruned_json).collect();
+                (!a.is_empty()).then_some(Json::Arr(a))
+            }
+            Node::Str(s) => (!s.is_empty()).then_some(Json::Str(s)),
+            Node::Bool(b) => Some(Json::Bool(b)),
+            Node::Num(n) => Some(Json::Num(n)),
+            Node::Ref(_) => None,
         }
     }
 
@@ -130,23 +135,6 @@ impl Node {
             },
             _ => None,
         }
-    }
-}
-
-/// Removes empty objects, arrays and strings (FHIR forbids them); true if `v` itself is empty.
-pub(crate) fn prune(v: &mut Node) -> bool {
-    match v {
-        Node::Obj(m) => {
-            m.retain(|c| !prune(c));
-            m.is_empty()
-        }
-        Node::Arr(a) => {
-            a.retain_mut(|c| !prune(c));
-            a.is_empty()
-        }
-        Node::Str(s) => s.is_empty(),
-        Node::Ref(_) => true,
-        Node::Bool(_) | Node::Num(_) => false,
     }
 }
 
@@ -171,7 +159,7 @@ mod tests {
         o.insert("b", Node::Str("3".into()));
         o.insert_at(0, "resourceType", Node::Str("Patient".into()));
         o.insert_at(0, "a", Node::Str("4".into()));
-        let v = Node::Obj(o).into_json();
+        let v = Json::Obj(o.into_pruned_json());
         assert_eq!(
             serde_json::to_string(&v).expect("json"),
             r#"{"resourceType":"Patient","b":"3","a":"4"}"#
@@ -189,11 +177,12 @@ mod tests {
             Node::Arr(vec![Node::Obj(Obj::new()), Node::Str(String::new())]),
         );
         o.insert("active", Node::Bool(false));
-        let mut n = Node::Obj(o);
-        assert!(!prune(&mut n));
         assert_eq!(
-            n.into_json().to_value(),
+            Json::Obj(o.into_pruned_json()).to_value(),
             serde_json::json!({ "active": false })
         );
+        let mut empty = Obj::new();
+        empty.insert("name", Node::Arr(vec![Node::Str(String::new())]));
+        assert_eq!(Node::Obj(empty).into_pruned_json(), None);
     }
 }
