@@ -114,6 +114,17 @@ fn bench(c: &mut Criterion) {
             black_box(hl7_edge::fhir::json::to_vec(&envelope::assemble(&input, m)))
         })
     });
+    let input = EnvelopeInput {
+        site: &site,
+        tz: &tz,
+        header: msg.header(),
+        received_at: received,
+        raw_sha256: [0; 32],
+    };
+    let tree = envelope::assemble(&input, set.map(&msg, &cx, &feed.mappings).expect("map"));
+    g.bench_function("stage_json", |b| {
+        b.iter(|| black_box(hl7_edge::fhir::json::to_vec(black_box(&tree))))
+    });
     let processor =
         Processor::new(Arc::new(set), site.clone(), Default::default()).expect("processor");
     g.bench_function("parse_map_validate_json", |b| {

@@ -43,10 +43,20 @@ fn split_lines(text: &str) -> Vec<Line<'_>> {
     let mut number = 1;
     let mut rest = text;
     loop {
-        let (line, next) = match rest.find(['\r', '\n']) {
+        // By byte: a line end is ASCII, never inside a multi-byte character (a `char` pattern
+        // search walked every character of the message).
+        let end = rest.bytes().position(|b| b == b'\r' || b == b'\n');
+        let (line, next) = match end {
             Some(i) => {
-                let skip = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
-                (&rest[..i], Some(&rest[i + skip..]))
+                let skip = if rest.get(i..).is_some_and(|r| r.starts_with("\r\n")) {
+                    2
+                } else {
+                    1
+                };
+                (
+                    rest.get(..i).unwrap_or_default(),
+                    Some(rest.get(i + skip..).unwrap_or_default()),
+                )
             }
             None => (rest, None),
         };

@@ -2,7 +2,6 @@
 //! [`super::compile`]; no YAML, no path strings and no names are looked at per message (names
 //! are resolved to indexes and slots, paths parsed, conversions chosen from the target type).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::path::{Hl7Path, TargetPath};
@@ -370,21 +369,83 @@ pub struct ValueMap {
     pub source_system: Option<Template>,
     pub default: Option<String>,
     pub ignore_case: bool,
-    pub entries: HashMap<String, String>,
-    pub display: HashMap<String, String>,
+    /// Codes (upper-cased with `ignore_case`) to their translations.
+    pub entries: Table,
+    /// Translations to their display names.
+    pub display: Table,
 }
 
 impl ValueMap {
     /// The translation of `code`, and whether it came from `entries` (not the default).
     pub fn get(&self, code: &str) -> Option<(&str, bool)> {
         let hit = if self.ignore_case {
-            self.entries.get(&code.to_ascii_uppercase())
+            self.entries.get_upper(code)
         } else {
             self.entries.get(code)
         };
         match hit {
-            Some(v) => Some((v.as_str(), true)),
+            Some(v) => Some((v, true)),
             None => self.default.as_deref().map(|d| (d, false)),
         }
+    }
+}
+
+/// A value map's table: pairs sorted by key, found by binary search. A message looks codes up
+/// ~80 times; hashing each with SipHash (after upper-casing it into a new string) cost more.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Table(Vec<(String, String)>);
+
+impl Table {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
+        self.0.get(i).map(|(_, v)| v.as_str())
+    }
+
+    /// [`Self::get`] of `key` upper-cased (ASCII), for a table whose keys were upper-cased.
+    pub fn get_upper(&self, key: &str) -> Option<&str> {
+        let upper = key.bytes().map(|b| b.to_ascii_uppercase());
+        let i = self
+            .0
+            .binary_search_by(|(k, _)| k.bytes().cmp(upper.clone()))
+            .ok()?;
+        self.0.get(i).map(|(_, v)| v.as_str())
+    }
+
+    /// The translations, in key order.
+    pub fn values(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+}
+
+/// From unique keys (a map's).
+impl FromIterator<(String, String)> for Table {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
+        let mut v: Vec<(String, String)> = pairs.into_iter().collect();
+        v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        v.dedup_by(|a, b| a.0 == b.0);
+        Table(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Table;
+
+    #[test]
+    fn tables_find_every_key_and_only_those() {
+        let t: Table = [("M", "male"), ("F", "female"), ("U", "unknown"), ("MX", "x")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in [("M", "male"), ("F", "female"), ("U", "unknown"), ("MX", "x")] {
+            assert_eq!(t.get(k), Some(v));
+            assert_eq!(t.get_upper(&k.to_lowercase()), Some(v));
+        }
+        for k in ["", "m", "A", "Z", "MXX", "é"] {
+            assert_eq!(t.get(k), None, "{k}");
+        }
+        assert_eq!(t.get_upper("mxx"), None);
+        assert_eq!(t.values().count(), 4);
     }
 }

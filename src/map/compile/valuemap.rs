@@ -1,4 +1,4 @@
-//! Value maps: entries from YAML and/or a CSV file, compiled to hash tables.
+//! Value maps: entries from YAML and/or a CSV file, compiled to sorted tables.
 //!
 //! CSV because terminology teams keep code tables in spreadsheets: a file with a header row
 //! `source,target[,display]` beside the YAML, quoted fields as in RFC 4180.
@@ -85,8 +85,8 @@ pub(crate) fn compile_all(
             source_system,
             default: vm.default.as_ref().map(|d| d.value.clone()),
             ignore_case: vm.ignore_case,
-            entries,
-            display,
+            entries: entries.into_iter().collect(),
+            display: display.into_iter().collect(),
         });
     }
     (out, index)

@@ -206,14 +206,14 @@ impl<'a, 'm> Runner<'a, 'm> {
                 .map(|t| me.render(t, cur).0)
                 .filter(|s| !s.is_empty())
         };
-        let coding = |system: Option<String>, code: &str, display: Option<&String>| {
+        let coding = |system: Option<String>, code: &str, display: Option<&str>| {
             let mut m = Obj::new();
             if let Some(s) = system {
                 m.insert("system", Node::Str(s));
             }
             m.insert("code", Node::Str(code.to_string()));
             if let Some(d) = display {
-                m.insert("display", Node::Str(d.clone()));
+                m.insert("display", Node::Str(d.to_string()));
             }
             Node::Obj(m)
         };
