@@ -5,6 +5,8 @@
 //! are copied whole. The output is byte for byte serde_json's (tested), so nothing downstream
 //! can tell the difference.
 
+use std::borrow::Cow;
+
 use super::tree::Json;
 
 /// `value` as compact JSON, exactly as `serde_json::to_vec` writes the same value.
@@ -34,11 +36,22 @@ fn write_value(v: &Json, out: &mut Vec<u8>) {
         }
         Json::Obj(m) => {
             out.push(b'{');
-            for (i, (k, item)) in m.iter().enumerate() {
+            for (i, (k, item)) in m.members().iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_string(k, out);
+                match k {
+                    // A name from the FHIR catalogue or from hl7-edge's own code (`'static`, so
+                    // never from input): letters only, nothing to escape.
+                    Cow::Borrowed(name) => {
+                        debug_assert!(!needs_escaping(name.as_bytes()), "{name:?}");
+                        out.reserve(name.len() + 3);
+                        out.push(b'"');
+                        out.extend_from_slice(name.as_bytes());
+                        out.push(b'"');
+                    }
+                    Cow::Owned(name) => write_string(name, out),
+                }
                 out.push(b':');
                 write_value(item, out);
             }
@@ -50,52 +63,59 @@ fn write_value(v: &Json, out: &mut Vec<u8>) {
 /// JSON.stringify string serialisation: only `"`, `\`, and C0 controls are escaped; everything
 /// else (including U+007F, U+2028 and non-ASCII) is written as UTF-8.
 ///
-/// Runs that need no escape (nearly all of a FHIR Bundle) are found eight bytes at a time and
-/// copied in one piece; the bytes after a flagged word, and the tail of a string (most keys are
-/// shorter than a word), are classified through a table. The scan is by byte: bytes of a
-/// multi-byte UTF-8 character are all >= 0x80, so they never match.
+/// Nearly every string of a Bundle has nothing to escape, so the string is first tested eight
+/// bytes at a time and then copied in one piece. The test is by byte: bytes of a multi-byte
+/// UTF-8 character are all >= 0x80, so they never match.
 pub fn write_string(s: &str, out: &mut Vec<u8>) {
     let bytes = s.as_bytes();
-    let n = bytes.len();
-    out.reserve(n + 2);
+    out.reserve(bytes.len() + 2);
     out.push(b'"');
+    if needs_escaping(bytes) {
+        write_escaped(bytes, out);
+    } else {
+        out.extend_from_slice(bytes);
+    }
+    out.push(b'"');
+}
+
+/// Whether any byte of `bytes` must be escaped. Words are tested without a branch each (the
+/// flags are OR-ed together), since nearly every string of a Bundle has nothing to escape.
+fn needs_escaping(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    let mut flags = 0u64;
+    for word in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        flags |= escape_flags(u64::from_le_bytes(w));
+    }
+    flags != 0
+        || words
+            .remainder()
+            .iter()
+            .any(|b| ESCAPE[usize::from(*b)] != 0)
+}
+
+/// The string body of `bytes`, some of which need escaping: runs between escapes are copied
+/// whole.
+fn write_escaped(bytes: &[u8], out: &mut Vec<u8>) {
     let mut start = 0;
-    let mut i = 0;
-    while i < n {
-        // Skip whole words with nothing to escape.
-        while let Some(word) = bytes.get(i..i + 8) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(word);
-            if needs_escape(u64::from_le_bytes(w)) {
-                break;
-            }
-            i += 8;
-        }
-        // The next byte to escape among the following (at most eight) bytes.
-        let end = n.min(i + 8);
-        let found = bytes
-            .get(i..end)
-            .and_then(|rest| rest.iter().position(|b| ESCAPE[usize::from(*b)] != 0));
-        let Some(at) = found.map(|k| i + k) else {
-            i = end;
+    for (i, b) in bytes.iter().enumerate() {
+        let class = ESCAPE[usize::from(*b)];
+        if class == 0 {
             continue;
-        };
-        out.extend_from_slice(bytes.get(start..at).unwrap_or_default());
-        let b = bytes.get(at).copied().unwrap_or(b' ');
-        match ESCAPE[usize::from(b)] {
-            b'u' => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xF)]);
-            }
-            short => out.extend_from_slice(&[b'\\', short]),
         }
-        i = at + 1;
-        start = i;
+        out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
+        if class == b'u' {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xF)]);
+        } else {
+            out.extend_from_slice(&[b'\\', class]);
+        }
+        start = i + 1;
     }
     out.extend_from_slice(bytes.get(start..).unwrap_or_default());
-    out.push(b'"');
 }
 
 /// Per byte: 0 when written as is, else the letter after the backslash (`u` for `\\u00XX`).
@@ -116,9 +136,9 @@ static ESCAPE: [u8; 256] = {
     t
 };
 
-/// Whether any byte of `w` is a C0 control, `"` or `\` (the classic "has a byte less than n" and
-/// "has a zero byte" word tricks; exact, no false positives or negatives).
-fn needs_escape(w: u64) -> bool {
+/// Nonzero exactly when some byte of `w` is a C0 control, `"` or `\` (the classic "has a byte
+/// less than n" and "has a zero byte" word tricks).
+fn escape_flags(w: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
@@ -126,7 +146,7 @@ fn needs_escape(w: u64) -> bool {
     let quote = q.wrapping_sub(ONES) & !q & HIGH;
     let b = w ^ (ONES * u64::from(b'\\'));
     let backslash = b.wrapping_sub(ONES) & !b & HIGH;
-    below_space | quote | backslash != 0
+    below_space | quote | backslash
 }
 
 #[cfg(test)]
@@ -189,7 +209,11 @@ mod tests {
                 let mut w = [b'a'; 8];
                 w[pos] = b;
                 let want = b < 0x20 || b == b'"' || b == b'\\';
-                assert_eq!(needs_escape(u64::from_le_bytes(w)), want, "{b:#x} at {pos}");
+                assert_eq!(
+                    escape_flags(u64::from_le_bytes(w)) != 0,
+                    want,
+                    "{b:#x} at {pos}"
+                );
             }
         }
     }

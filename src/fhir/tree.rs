@@ -103,6 +103,12 @@ impl Obj {
         Some(self.0.remove(i).1)
     }
 
+    /// The members as stored, keys with their kind (the JSON writer skips the escape scan of
+    /// catalogue names).
+    pub(crate) fn members(&self) -> &[(Key, Json)] {
+        &self.0
+    }
+
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &Json)> {
         self.0.iter().map(|(k, v)| (k.as_ref(), v))
     }

@@ -69,6 +69,13 @@ impl Segment {
         self.line.get(..3).unwrap_or_default()
     }
 
+    /// Whether this is a `code` segment (see [`segment_code`]): a compare of three bytes in
+    /// registers, where comparing names as strings calls `memcmp` (mapping looks segments up
+    /// by name ~100 times per message, scanning the message each time).
+    pub fn is(&self, code: [u8; 3]) -> bool {
+        matches!(self.line.as_bytes(), [a, b, c, ..] if [*a, *b, *c] == code)
+    }
+
     /// Raw (escaped) text of HL7 field `n` (1-based). `None` when the segment has fewer fields.
     pub fn field_raw(&self, n: usize) -> Option<&str> {
         let &(a, b) = self.fields.get(n.checked_sub(1)?)?;
@@ -106,6 +113,12 @@ impl Segment {
     ) -> Option<&'a str> {
         component_of(seps, rep_raw, comp, sub)
     }
+}
+
+/// A segment name as the three bytes [`Segment::is`] compares; `None` for a name that is not
+/// three bytes long (no segment has it).
+pub fn segment_code(name: &str) -> Option<[u8; 3]> {
+    name.as_bytes().try_into().ok()
 }
 
 /// Pushes the byte ranges of the fields of `line[from..]`, separated by `sep`, as absolute
@@ -362,6 +375,18 @@ mod tests {
         ] {
             assert!(Path::parse(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn segments_are_told_by_their_three_letter_code() {
+        let pid = Segment::split("PID|1", '|');
+        let bare = Segment::split("NTE", '|');
+        let code = |n| segment_code(n).expect("three letters");
+        assert!(pid.is(code("PID")));
+        assert!(!pid.is(code("PV1")));
+        assert!(bare.is(code("NTE")));
+        assert_eq!(segment_code("PI"), None);
+        assert_eq!(segment_code("PIDX"), None);
     }
 
     #[test]

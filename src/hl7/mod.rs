@@ -88,7 +88,7 @@ pub use charset::{decode_to_utf8, encode_from_utf8};
 pub use error::{CharsetError, ErrorCode, ParseError};
 pub use escape::{decode_escapes, decode_escapes_cow, encode_escapes};
 pub use header::{Header, MessageType, sniff_header};
-pub use message::{Message, Path, Segment, component_of};
+pub use message::{Message, Path, Segment, component_of, segment_code};
 pub use parse::parse;
 pub use separators::Separators;
 pub use split::{contains_char, nth_part, parts};

@@ -22,7 +22,7 @@ mod node;
 mod scope;
 mod set;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use node::{Node, Obj};
@@ -142,7 +142,7 @@ pub(crate) struct Runner<'a, 'm> {
     refused: Option<RunError>,
     /// How many instances took each `key:` id so far (a repeated key is numbered, see
     /// [`Runner::resource_id`]).
-    keyed: HashMap<uuid::Uuid, usize>,
+    keyed: ids::IdMap<usize>,
 }
 
 struct Built<'p> {
@@ -179,7 +179,7 @@ pub fn run(
         flags: Vec::new(),
         clock_flags: Vec::new(),
         refused: None,
-        keyed: HashMap::new(),
+        keyed: ids::IdMap::default(),
     };
     let root = Cursor {
         groups: &[],
@@ -264,7 +264,7 @@ pub fn run(
     // One entry per id: a resource built again with the same id (the same ordering clinician on
     // every OBR, keyed by the same identifier) is the same resource; references to it already
     // carry that id. A later copy that differs is dropped with a warning (no values in it).
-    let mut seen: HashMap<uuid::Uuid, usize> = HashMap::with_capacity(finished.len());
+    let mut seen: ids::IdMap<usize> = ids::IdMap::default();
     let mut kept: Vec<(Built, tree::Obj)> = Vec::with_capacity(finished.len());
     for (b, json) in finished {
         match seen.get(&b.id) {

@@ -37,17 +37,17 @@ impl Obj {
     }
 
     pub fn get(&self, key: &str) -> Option<&Node> {
-        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        self.0.iter().find(|(k, _)| same_key(k, key)).map(|(_, v)| v)
     }
 
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Node> {
-        self.0.iter_mut().find(|(k, _)| *k == key).map(|(_, v)| v)
+        self.0.iter_mut().find(|(k, _)| same_key(k, key)).map(|(_, v)| v)
     }
 
     /// The value of `key`, inserted with `make` at the end if absent.
     pub fn entry(&mut self, key: impl Into<Key>, make: impl FnOnce() -> Node) -> &mut Node {
         let key = key.into();
-        let at = match self.0.iter().position(|(k, _)| *k == key) {
+        let at = match self.0.iter().position(|(k, _)| same_key(k, &key)) {
             Some(i) => i,
             None => {
                 self.0.push((key, make()));
@@ -76,7 +76,7 @@ impl Obj {
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Node> {
-        let i = self.0.iter().position(|(k, _)| *k == key)?;
+        let i = self.0.iter().position(|(k, _)| same_key(k, &key))?;
         Some(self.0.remove(i).1)
     }
 
@@ -94,6 +94,15 @@ impl Obj {
                 .collect(),
         )
     }
+}
+
+/// Key equality, cheap in the common cases: a target step's name is the catalogue's own
+/// `&'static str`, so equal keys are usually the same pointer, and unequal ones usually differ
+/// in length or first letter (no `memcmp` call for either).
+fn same_key(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && (std::ptr::eq(a.as_ptr(), b.as_ptr())
+            || (a.as_bytes().first() == b.as_bytes().first() && a == b))
 }
 
 impl Node {

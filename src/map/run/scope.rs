@@ -14,7 +14,7 @@
 use std::cell::OnceCell;
 
 use super::Runner;
-use crate::hl7::parts;
+use crate::hl7::{parts, segment_code};
 
 /// One instance of a group.
 #[derive(Debug, Clone)]
@@ -110,6 +110,7 @@ impl Runner<'_, '_> {
     ) -> Option<usize> {
         let segs = self.msg.segments();
         let nth = occurrence.checked_sub(1)?;
+        let code = segment_code(name)?;
         for f in cur.groups.iter().rev() {
             let Some(g) = self.mp.groups.get(f.group) else {
                 continue;
@@ -119,13 +120,13 @@ impl Runner<'_, '_> {
                     .direct
                     .iter()
                     .copied()
-                    .filter(|i| segs.get(*i).is_some_and(|s| s.name() == name))
+                    .filter(|i| segs.get(*i).is_some_and(|s| s.is(code)))
                     .nth(nth);
             }
         }
         segs.iter()
             .enumerate()
-            .filter(|(_, s)| s.name() == name)
+            .filter(|(_, s)| s.is(code))
             .map(|(i, _)| i)
             .nth(nth)
     }
