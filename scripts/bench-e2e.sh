@@ -27,7 +27,8 @@ for c in 1 8 64; do
   printf 'name = "bench"\n[transport]\nkind = "mllp"\nbind = "127.0.0.1:%s"\n' "$lport" > "$work/$c/adapters/bench.toml"
   printf 'state_dir = "%s"\nadapters_dir = "%s"\n[site]\nods_code = "RRV"\nappliance_id = "bench"\n[mqtt]\nurl = "mqtt://127.0.0.1:%s"\n[log]\nlevel = "warn"\n' \
     "$work/$c/state" "$work/$c/adapters" "$mport" > "$work/$c/config.toml"
-  "${CARGO_TARGET_DIR:-target}"/release/hl7-edge run --config "$work/$c/config.toml" 2>"$work/$c/daemon.log" &
+  # As systemd/hl7-edge.service runs it (see the comment there on mimalloc's eager commit).
+  MIMALLOC_ARENA_EAGER_COMMIT=0 "${CARGO_TARGET_DIR:-target}"/release/hl7-edge run --config "$work/$c/config.toml" 2>"$work/$c/daemon.log" &
   daemon=$!
   for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$lport) 2>/dev/null && break; sleep 0.1; done
   "${CARGO_TARGET_DIR:-target}"/release/examples/loadgen --addr "127.0.0.1:$lport" -n "$N" -c "$c" \
