@@ -90,8 +90,8 @@ impl std::hash::Hasher for IdHasher {
             if let Some(dst) = w.get_mut(..chunk.len()) {
                 dst.copy_from_slice(chunk);
             }
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w))
-                .wrapping_mul(0x517c_c1b7_2722_0a95);
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x517c_c1b7_2722_0a95);
         }
     }
 
@@ -122,7 +122,10 @@ fn decimal(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
 pub fn urn(u: &Uuid) -> String {
     let mut s = String::with_capacity(URN_PREFIX.len() + uuid::fmt::Hyphenated::LENGTH);
     s.push_str(URN_PREFIX);
-    s.push_str(u.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()));
+    s.push_str(
+        u.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    );
     s
 }
 

@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn every_ascii_character_at_every_position_of_short_and_long_strings_is_escaped_as_serde_json_does()
-    {
+     {
         // Word scan, the table scan after a flagged word and the tail scan each see the character.
         for len in 1..=19 {
             for pos in 0..len {

@@ -415,7 +415,6 @@ impl Table {
     pub fn values(&self) -> impl Iterator<Item = &String> {
         self.0.iter().map(|(_, v)| v)
     }
-
 }
 
 /// From unique keys (a map's).
@@ -434,11 +433,21 @@ mod tests {
 
     #[test]
     fn tables_find_every_key_and_only_those() {
-        let t: Table = [("M", "male"), ("F", "female"), ("U", "unknown"), ("MX", "x")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        for (k, v) in [("M", "male"), ("F", "female"), ("U", "unknown"), ("MX", "x")] {
+        let t: Table = [
+            ("M", "male"),
+            ("F", "female"),
+            ("U", "unknown"),
+            ("MX", "x"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in [
+            ("M", "male"),
+            ("F", "female"),
+            ("U", "unknown"),
+            ("MX", "x"),
+        ] {
             assert_eq!(t.get(k), Some(v));
             assert_eq!(t.get_upper(&k.to_lowercase()), Some(v));
         }

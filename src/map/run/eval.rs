@@ -383,7 +383,7 @@ impl<'a, 'm> Runner<'a, 'm> {
                         self.plan
                             .valuemaps
                             .get(*i)
-                            .is_some_and(|m| m.get(&v).is_some_and(|(_, hit)| hit))
+                            .is_some_and(|m| m.get(v).is_some_and(|(_, hit)| hit))
                     }),
                     Test::NhsNumber { valid } => {
                         let ok = v

@@ -37,11 +37,17 @@ impl Obj {
     }
 
     pub fn get(&self, key: &str) -> Option<&Node> {
-        self.0.iter().find(|(k, _)| same_key(k, key)).map(|(_, v)| v)
+        self.0
+            .iter()
+            .find(|(k, _)| same_key(k, key))
+            .map(|(_, v)| v)
     }
 
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Node> {
-        self.0.iter_mut().find(|(k, _)| same_key(k, key)).map(|(_, v)| v)
+        self.0
+            .iter_mut()
+            .find(|(k, _)| same_key(k, key))
+            .map(|(_, v)| v)
     }
 
     /// The value of `key`, inserted with `make` at the end if absent.
@@ -76,7 +82,7 @@ impl Obj {
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Node> {
-        let i = self.0.iter().position(|(k, _)| same_key(k, &key))?;
+        let i = self.0.iter().position(|(k, _)| same_key(k, key))?;
         Some(self.0.remove(i).1)
     }
 
