@@ -4,7 +4,8 @@
 //! of members and keys are catalogue names (the compiled plan's target steps point into the FHIR
 //! R4 catalogue) or literals, so a write of `name[0].given[1]` costs comparisons, not hashes and
 //! allocations. The one addition is the reference placeholder, a variant of its own so finding
-//! one is a match rather than a string parse; the conversion at the end is a move.
+//! one is a match rather than a string parse; the conversion at the end is a move, which also
+//! drops the empty elements FHIR forbids.
 
 use crate::fhir::tree::{self, Json, Key};
 
