@@ -124,32 +124,16 @@ pub fn segment_code(name: &str) -> Option<[u8; 3]> {
 /// Pushes the byte ranges of the fields of `line[from..]`, separated by `sep`, as absolute
 /// ranges in `line` (at least one field: the text after the last separator, maybe empty).
 ///
-/// The field separator is ASCII (the parser refuses others), and an ASCII byte never occurs
-/// inside a multi-byte UTF-8 character, so the line is scanned by byte (see `split.rs`), twice:
-/// once to size the vector, once to fill it. A general `char` search here cost more than the
-/// rest of parsing.
+/// Through [`parts`] (a byte scan for the ASCII separator; a general `char` search here cost
+/// more than the rest of parsing), twice: once to size the vector, once to fill it.
 fn push_fields(line: &str, from: usize, sep: char, out: &mut Vec<(usize, usize)>) {
     let rest = line.get(from..).unwrap_or_default();
-    if !sep.is_ascii() {
-        let mut start = from;
-        for (i, _) in rest.match_indices(sep) {
-            out.push((start, from + i));
-            start = from + i + sep.len_utf8();
-        }
-        out.push((start, line.len()));
-        return;
-    }
-    let b = sep as u8;
-    let bytes = rest.as_bytes();
-    out.reserve(bytes.iter().filter(|x| **x == b).count() + 1);
+    out.reserve(parts(rest, sep).count());
     let mut start = from;
-    for (i, x) in bytes.iter().enumerate() {
-        if *x == b {
-            out.push((start, from + i));
-            start = from + i + 1;
-        }
+    for part in parts(rest, sep) {
+        out.push((start, start + part.len()));
+        start += part.len() + sep.len_utf8();
     }
-    out.push((start, line.len()));
 }
 
 /// Free-function form of [`Segment::component`].

@@ -248,11 +248,11 @@ pub async fn run_mapper(
     let parallel = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    // A message spends part of its turn waiting for the outbox writer to record its Bundle (a
-    // durable commit). With only `parallel` messages in flight the mapping threads sat idle
-    // during those waits (a third busy each in the end-to-end benchmark); with a few more
-    // queued, the next message is mapped while the last one is committed. The pool still runs
-    // only `parallel` at once, and each waiting message holds a few tens of KB.
+    // A message spends part of its turn waiting for the outbox writer to commit its Bundle.
+    // With only `parallel` messages in flight the mapping threads sat idle during those waits
+    // (a third busy each in the end-to-end benchmark); with a few more queued, the next message
+    // is mapped while the last one is committed. The pool still runs only `parallel` at once,
+    // and each waiting message holds a few tens of KB.
     let in_flight = parallel * IN_FLIGHT_PER_THREAD;
     let mut running: JoinSet<()> = JoinSet::new();
     let pool = match workers::CpuPool::new(parallel, workers::MAPPER_NICE) {

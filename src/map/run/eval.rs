@@ -331,11 +331,13 @@ impl<'a, 'm> Runner<'a, 'm> {
     {
         match o {
             Operand::Path(p) => self.scalar_ref(p, cur),
-            Operand::Var(slot) => self
-                .vars
-                .get(*slot)
-                .and_then(|v| v.as_ref().map(|v| Cow::Owned(v.text.clone()))),
+            Operand::Var(slot) => self.var(*slot).map(|v| Cow::Owned(v.text.clone())),
         }
+    }
+
+    /// The value of variable `slot`, if it has one.
+    fn var(&self, slot: usize) -> Option<&Val> {
+        self.vars.get(slot).and_then(Option::as_ref)
     }
 
     pub(super) fn cond(&mut self, c: &Cond, cur: &Cursor<'_>) -> bool {
@@ -363,11 +365,7 @@ impl<'a, 'm> Runner<'a, 'm> {
                 // A variable is compared where it is, not copied.
                 let from_path;
                 let v: Option<&str> = match subject {
-                    Operand::Var(slot) => self
-                        .vars
-                        .get(*slot)
-                        .and_then(Option::as_ref)
-                        .map(|v| v.text.as_str()),
+                    Operand::Var(slot) => self.var(*slot).map(|v| v.text.as_str()),
                     Operand::Path(p) => {
                         from_path = self.scalar_ref(p, cur);
                         from_path.as_deref()
