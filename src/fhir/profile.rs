@@ -75,20 +75,24 @@ pub fn check(bundle: &Json, cfg: &ProfileConfig) -> Vec<String> {
     for (i, e) in entries.iter().enumerate() {
         let Some(r) = e.get("resource") else { continue };
         let rtype = r.get("resourceType").and_then(Json::as_str).unwrap_or("");
-        let at = format!("Bundle.entry[{i}].resource({rtype})");
+        let at = At { entry: i, rtype };
         if cfg.uk_core_profiles && PROFILED.contains(&rtype) {
-            let wanted: Vec<String> = profile_suffixes(rtype)
-                .iter()
-                .map(|s| format!("{UK_CORE}{s}"))
-                .collect();
+            let suffixes = match profile_suffixes(rtype) {
+                [] => std::slice::from_ref(&rtype),
+                s => s,
+            };
             let has = r
                 .pointer("/meta/profile")
                 .and_then(Json::as_array)
                 .is_some_and(|p| {
-                    p.iter()
-                        .any(|p| wanted.iter().any(|w| p.as_str() == Some(w.as_str())))
+                    p.iter().filter_map(Json::as_str).any(|p| {
+                        p.strip_prefix(UK_CORE)
+                            .is_some_and(|s| suffixes.contains(&s))
+                    })
                 });
             if !has {
+                let wanted: Vec<String> =
+                    suffixes.iter().map(|s| format!("{UK_CORE}{s}")).collect();
                 misses.push(format!(
                     "{at}.meta.profile must include {}",
                     wanted.join(" or ")
@@ -112,14 +116,28 @@ pub fn check(bundle: &Json, cfg: &ProfileConfig) -> Vec<String> {
     misses
 }
 
-/// The UK Core profiles a resource type may declare (any one of them will do).
-fn profile_suffixes(rtype: &str) -> Vec<&str> {
+/// Where a miss is, `Bundle.entry[i].resource(Type)`: formatted only when there is one (the
+/// Bundle is checked for every message, and most have none).
+struct At<'a> {
+    entry: usize,
+    rtype: &'a str,
+}
+
+impl std::fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bundle.entry[{}].resource({})", self.entry, self.rtype)
+    }
+}
+
+/// The UK Core profiles a resource type may declare (any one of them will do), where they are
+/// not simply `UKCore-<type>` (an empty list).
+fn profile_suffixes(rtype: &str) -> &'static [&'static str] {
     match rtype {
-        "DiagnosticReport" => vec!["DiagnosticReport-Lab"],
+        "DiagnosticReport" => &["DiagnosticReport-Lab"],
         // A lab result (ORU) is UKCore-Observation-Lab; an observation sent with an ADT event
         // (height, weight, an admission question) is a plain UKCore-Observation.
-        "Observation" => vec!["Observation-Lab", "Observation"],
-        other => vec![other],
+        "Observation" => &["Observation-Lab", "Observation"],
+        _ => &[],
     }
 }
 
@@ -141,7 +159,7 @@ fn identifiers(r: &Json) -> impl Iterator<Item = &Json> {
         .flatten()
 }
 
-fn patient(r: &Json, at: &str, cfg: &ProfileConfig, misses: &mut Vec<String>) {
+fn patient(r: &Json, at: &At<'_>, cfg: &ProfileConfig, misses: &mut Vec<String>) {
     if retired(r) {
         // The minimums are about the live record; a retired one must only say which record it was.
         let named = identifiers(r).any(|i| {
@@ -229,7 +247,7 @@ fn patient(r: &Json, at: &str, cfg: &ProfileConfig, misses: &mut Vec<String>) {
     }
 }
 
-fn encounter(r: &Json, at: &str, misses: &mut Vec<String>) {
+fn encounter(r: &Json, at: &At<'_>, misses: &mut Vec<String>) {
     for el in [
         "identifier",
         "status",

@@ -302,21 +302,62 @@ fn parse_offset(s: &str) -> Result<String, TimeError> {
     Ok(format!("{}{hh:02}:{mm:02}", char::from(b[0])))
 }
 
-fn format_offset(seconds: i32) -> Result<String, TimeError> {
+/// Appends a UTC offset of `seconds` as FHIR's `+hh:mm` / `-hh:mm`.
+fn push_offset(out: &mut String, seconds: i32) -> Result<(), TimeError> {
     if seconds % 60 != 0 {
         return Err(TimeError::OffsetNotRepresentable);
     }
-    let sign = if seconds < 0 { '-' } else { '+' };
+    out.push(if seconds < 0 { '-' } else { '+' });
     let abs = seconds.unsigned_abs();
-    Ok(format!("{sign}{:02}:{:02}", abs / 3600, (abs % 3600) / 60))
+    push_digits(out, abs / 3600, 2);
+    out.push(':');
+    push_digits(out, (abs % 3600) / 60, 2);
+    Ok(())
+}
+
+/// Appends `n` zero-padded to `width` digits, as `{:0width$}` would. An ADT^A01 has ~15
+/// date-times, and a `format!` of one cost ~1.7 k instructions (callgrind).
+fn push_digits(out: &mut String, n: u32, width: usize) {
+    let mut buf = [b'0'; 10];
+    let mut at = buf.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let start = at.min(buf.len().saturating_sub(width));
+    for &b in &buf[start..] {
+        out.push(char::from(b));
+    }
+}
+
+/// Appends a year as `{:04}` would (negative years, possible after a shift, keep the sign).
+fn push_year(out: &mut String, year: i16) {
+    match u32::try_from(year) {
+        Ok(y) => push_digits(out, y, 4),
+        Err(_) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{year:04}");
+        }
+    }
 }
 
 fn format_date(p: &Parsed<'_>) -> String {
-    match p.precision {
-        Precision::Year => format!("{:04}", p.year),
-        Precision::Month => format!("{:04}-{:02}", p.year, p.month),
-        _ => format!("{:04}-{:02}-{:02}", p.year, p.month, p.day),
+    let mut out = String::with_capacity(10);
+    push_year(&mut out, p.year);
+    if p.precision > Precision::Year {
+        out.push('-');
+        push_digits(&mut out, p.month.unsigned_abs().into(), 2);
     }
+    if p.precision > Precision::Month {
+        out.push('-');
+        push_digits(&mut out, p.day.unsigned_abs().into(), 2);
+    }
+    out
 }
 
 fn convert(
@@ -333,21 +374,18 @@ fn convert(
     let out_of_range = |_| TimeError::OutOfRange("date-time");
     let dt = DateTime::new(p.year, p.month, p.day, p.hour, p.minute, p.second, 0)
         .map_err(out_of_range)?;
+    // The offset: as sent, or the zone's (seconds) for the local time.
     let (dt, offset, flag) = match &p.offset {
-        Some(sent) => (dt, sent.clone(), None),
+        Some(sent) => (dt, Err(sent.as_str()), None),
         None => match tz.to_ambiguous_timestamp(dt).offset() {
-            AmbiguousOffset::Unambiguous { offset } => (dt, format_offset(offset.seconds())?, None),
+            AmbiguousOffset::Unambiguous { offset } => (dt, Ok(offset.seconds()), None),
             AmbiguousOffset::Fold { before, after } => {
                 let chosen = match policy {
                     AmbiguityPolicy::Earlier => before,
                     AmbiguityPolicy::Later => after,
                     AmbiguityPolicy::Reject => return Err(TimeError::Ambiguous),
                 };
-                (
-                    dt,
-                    format_offset(chosen.seconds())?,
-                    Some(TimeFlag::Ambiguous),
-                )
+                (dt, Ok(chosen.seconds()), Some(TimeFlag::Ambiguous))
             }
             AmbiguousOffset::Gap { before, after } => {
                 if policy == AmbiguityPolicy::Reject {
@@ -356,24 +394,31 @@ fn convert(
                 // Read the wall time with the pre-gap offset, then show that instant in the
                 // post-gap offset: 01:30 (+00:00) is 02:30+01:00.
                 let shifted = shift_across_gap(dt, before, after).map_err(out_of_range)?;
-                (
-                    shifted,
-                    format_offset(after.seconds())?,
-                    Some(TimeFlag::Nonexistent),
-                )
+                (shifted, Ok(after.seconds()), Some(TimeFlag::Nonexistent))
             }
         },
     };
-    let frac = p.frac.map(|f| format!(".{f}")).unwrap_or_default();
-    let value = format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{frac}{offset}",
-        dt.year(),
-        dt.month(),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second()
-    );
+    // `YYYY-MM-DDThh:mm:ss[.ffff]+hh:mm`
+    let mut value = String::with_capacity(30);
+    push_year(&mut value, dt.year());
+    for (sep, n) in [
+        ('-', dt.month()),
+        ('-', dt.day()),
+        ('T', dt.hour()),
+        (':', dt.minute()),
+        (':', dt.second()),
+    ] {
+        value.push(sep);
+        push_digits(&mut value, n.unsigned_abs().into(), 2);
+    }
+    if let Some(f) = p.frac {
+        value.push('.');
+        value.push_str(f);
+    }
+    match offset {
+        Ok(seconds) => push_offset(&mut value, seconds)?,
+        Err(sent) => value.push_str(sent),
+    }
     Ok(FhirDateTime { value, flag })
 }
 
@@ -567,6 +612,22 @@ mod tests {
         );
         // Offset on a date-only value is dropped: FHIR dates have none.
         assert_eq!(dt("20260715+0100").unwrap().value, "2026-07-15");
+    }
+
+    #[test]
+    fn digits_are_padded_as_format_pads_them() {
+        for width in [2, 4] {
+            for n in [0u32, 1, 9, 10, 59, 99, 100, 999, 1000, 9999, 10000, 123456] {
+                let mut s = String::new();
+                push_digits(&mut s, n, width);
+                assert_eq!(s, format!("{n:0width$}"));
+            }
+        }
+        for year in [i16::MIN, -1000, -1, 0, 7, 1980, 9999, i16::MAX] {
+            let mut s = String::new();
+            push_year(&mut s, year);
+            assert_eq!(s, format!("{year:04}"));
+        }
     }
 
     #[test]

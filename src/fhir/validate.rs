@@ -9,10 +9,8 @@
 //!    fullUrls matching resource ids, references that resolve inside the Bundle, NHS numbers that
 //!    pass modulus 11, and date-times with a time that carry an offset.
 
-use std::collections::HashSet;
-
 use super::nhs;
-use super::tree::Json;
+use super::tree::{Json, Obj};
 use crate::map::fhir_model::{Kind, TypeDef, model};
 
 /// Every problem found, each with the element path; no patient data.
@@ -37,13 +35,88 @@ fn structural(bundle: &Json, problems: &mut Vec<String>) {
     use serde::Deserialize;
     // The model borrows from the tree and is dropped: the Bundle we send is never a
     // re-serialised one (fhir-sdk keeps decimals as f64, `1.50` would become `1.5`).
-    if let Err(e) = Bundle::deserialize(bundle) {
-        problems.push(format!("FHIR R4 structure: {e}"));
+    //
+    // The Bundle's own elements are read without the entries' resources, and each resource
+    // is then read as the type its `resourceType` names. Read through the Bundle, every
+    // resource would go through fhir-sdk's `Resource` enum, which serde buffers whole before
+    // it can look at the tag: a copy of each resource, a third of the validation's cost.
+    if let Err(e) = Bundle::deserialize(&without_resources(bundle)) {
+        problems.push(format!("FHIR R4 structure: Bundle: {e}"));
+    }
+    for (i, entry) in bundle
+        .get("entry")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if let Some(resource) = entry.get("resource")
+            && let Err(e) = typed_resource(resource)
+        {
+            let rtype = resource
+                .get("resourceType")
+                .and_then(Json::as_str)
+                .unwrap_or("?");
+            problems.push(format!(
+                "FHIR R4 structure: Bundle.entry[{i}].resource({rtype}): {e}"
+            ));
+        }
     }
     if let Some(def) = model().get("Bundle") {
         let mut path = Path(vec![Seg::Key("Bundle")]);
         unknown_elements(bundle, def, &mut path, problems);
     }
+}
+
+/// The Bundle with its entries' `resource`s left out (its other members are small: ids,
+/// `fullUrl`s, the signature).
+fn without_resources(bundle: &Json) -> Json {
+    let Json::Obj(top) = bundle else {
+        return bundle.clone();
+    };
+    let entry = |e: &Json| match e {
+        Json::Obj(o) => Json::Obj(Obj::from_unique(
+            o.members()
+                .iter()
+                .filter(|(k, _)| k != "resource")
+                .cloned()
+                .collect(),
+        )),
+        other => other.clone(),
+    };
+    Json::Obj(Obj::from_unique(
+        top.members()
+            .iter()
+            .map(|(k, v)| match v {
+                Json::Arr(entries) if k == "entry" => {
+                    (k.clone(), Json::Arr(entries.iter().map(entry).collect()))
+                }
+                _ => (k.clone(), v.clone()),
+            })
+            .collect(),
+    ))
+}
+
+/// Reads a resource as the fhir-sdk type its `resourceType` names. The types hl7-edge's
+/// mappings and envelope produce are read directly (the model's structs ignore the
+/// `resourceType` member, which the match has already checked); any other goes through the
+/// `Resource` enum, which also rejects a type FHIR R4 does not have.
+fn typed_resource(r: &Json) -> Result<(), serde::de::value::Error> {
+    use fhir_sdk::r4b::resources as res;
+    use serde::Deserialize;
+    macro_rules! by_type {
+        ($($t:ident)*) => {
+            match r.get("resourceType").and_then(Json::as_str) {
+                $(Some(stringify!($t)) => res::$t::deserialize(r).map(drop),)*
+                _ => res::Resource::deserialize(r).map(drop),
+            }
+        };
+    }
+    by_type!(
+        AllergyIntolerance Condition DiagnosticReport Encounter Location MessageHeader
+        Observation Organization Patient Practitioner PractitionerRole Provenance
+        RelatedPerson ServiceRequest Specimen
+    )
 }
 
 /// Reports every key of `value` (of FHIR type `type_name`) that is not an element of that type
@@ -141,27 +214,38 @@ fn london(bundle: &Json, problems: &mut Vec<String>) {
     };
     let first_type = entries
         .first()
-        .and_then(|e| e.pointer("/resource/resourceType"))
+        .and_then(|e| e.get("resource")?.get("resourceType"))
         .and_then(Json::as_str);
     if first_type != Some("MessageHeader") {
         problems.push("Bundle.entry[0] must be the MessageHeader".into());
     }
-    let mut full_urls = HashSet::new();
+    // Sorted, for the reference checks below (a binary search, no hashing per reference).
+    let mut full_urls: Vec<(&str, usize)> = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let full = e.get("fullUrl").and_then(Json::as_str).unwrap_or("");
         let id = e
-            .pointer("/resource/id")
+            .get("resource")
+            .and_then(|r| r.get("id"))
             .and_then(Json::as_str)
             .unwrap_or("");
-        if full != format!("urn:uuid:{id}") || id.is_empty() {
+        if id.is_empty() || full.strip_prefix("urn:uuid:") != Some(id) {
             problems.push(format!(
                 "Bundle.entry[{i}].fullUrl must be urn:uuid:<resource id>"
             ));
         }
-        if !full_urls.insert(full.to_string()) {
-            problems.push(format!("Bundle.entry[{i}].fullUrl is a duplicate"));
-        }
+        full_urls.push((full, i));
     }
+    full_urls.sort_unstable();
+    let mut duplicates: Vec<usize> = full_urls
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| w[1].1)
+        .collect();
+    duplicates.sort_unstable();
+    for i in duplicates {
+        problems.push(format!("Bundle.entry[{i}].fullUrl is a duplicate"));
+    }
+    let full_urls = FullUrls(full_urls);
     for (i, e) in entries.iter().enumerate() {
         let Some(res) = e.get("resource") else {
             continue;
@@ -180,11 +264,20 @@ fn london(bundle: &Json, problems: &mut Vec<String>) {
     }
 }
 
+/// The Bundle's entry `fullUrl`s, sorted (with their entry index).
+struct FullUrls<'a>(Vec<(&'a str, usize)>);
+
+impl FullUrls<'_> {
+    fn contains(&self, url: &str) -> bool {
+        self.0.binary_search_by(|(u, _)| (*u).cmp(url)).is_ok()
+    }
+}
+
 /// Walks a resource: references resolve, NHS numbers are valid, date-times carry offsets.
 fn check_tree<'a>(
     v: &'a Json,
     path: &mut Path<'a>,
-    full_urls: &HashSet<String>,
+    full_urls: &FullUrls<'_>,
     problems: &mut Vec<String>,
 ) {
     match v {
@@ -307,6 +400,34 @@ mod tests {
     }
 
     #[test]
+    fn full_urls_must_match_ids_and_be_unique() {
+        let mut b = bundle(vec![patient(), patient(), patient()]);
+        // entry 2 repeats entry 1's fullUrl (and so no longer matches its own id); entry 3
+        // points at another id.
+        b["entry"][2]["fullUrl"] = b["entry"][1]["fullUrl"].clone();
+        b["entry"][3]["fullUrl"] = json!("urn:uuid:00000000-0000-5000-8000-0000000000ff");
+        let err = validate(&Json::from(b)).expect_err("bad fullUrls");
+        let text = err.to_string();
+        assert!(
+            text.contains("Bundle.entry[2].fullUrl is a duplicate"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("Bundle.entry[1].fullUrl is a duplicate"),
+            "{text}"
+        );
+        for i in [2, 3] {
+            assert!(
+                text.contains(&format!(
+                    "Bundle.entry[{i}].fullUrl must be urn:uuid:<resource id>"
+                )),
+                "{text}"
+            );
+        }
+        assert!(!text.contains("Bundle.entry[1].fullUrl must"), "{text}");
+    }
+
+    #[test]
     fn a_minimal_valid_bundle_passes() {
         validate(&Json::from(bundle(vec![patient()]))).expect("valid");
     }
@@ -330,7 +451,50 @@ mod tests {
         p["birthDate"] = json!(19800101);
         let err = validate(&Json::from(bundle(vec![p]))).expect_err("wrong type");
         assert!(
-            err.0.iter().any(|e| e.starts_with("FHIR R4 structure")),
+            err.0
+                .iter()
+                .any(|e| e.starts_with("FHIR R4 structure: Bundle.entry[1].resource(Patient): ")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_bundle_itself_and_every_kind_of_resource_are_read_by_the_model() {
+        // The Bundle's own elements, read without its resources.
+        let mut b = bundle(vec![patient()]);
+        b["type"] = json!(5);
+        let err = validate(&Json::from(b)).expect_err("wrong Bundle.type");
+        assert!(
+            err.0
+                .iter()
+                .any(|e| e.starts_with("FHIR R4 structure: Bundle: ")),
+            "{err}"
+        );
+        // A resource type outside the directly read list goes through the model's enum:
+        // valid passes, a missing required element and an unknown type do not.
+        let basic = json!({ "resourceType": "Basic", "code": { "text": "note" } });
+        validate(&Json::from(bundle(vec![patient(), basic]))).expect("valid Basic");
+        let no_code = json!({ "resourceType": "Basic" });
+        let err = validate(&Json::from(bundle(vec![patient(), no_code]))).expect_err("no code");
+        assert!(
+            err.0
+                .iter()
+                .any(|e| e.starts_with("FHIR R4 structure: Bundle.entry[2].resource(Basic): ")),
+            "{err}"
+        );
+        let unknown = json!({ "resourceType": "Frobnication" });
+        let err = validate(&Json::from(bundle(vec![patient(), unknown]))).expect_err("unknown");
+        assert!(
+            err.0.iter().any(|e| e.contains("resource(Frobnication)")),
+            "{err}"
+        );
+        // A directly read type still needs its required elements (Observation.status).
+        let obs = json!({ "resourceType": "Observation", "code": { "text": "x" } });
+        let err = validate(&Json::from(bundle(vec![patient(), obs]))).expect_err("no status");
+        assert!(
+            err.0
+                .iter()
+                .any(|e| e.contains("resource(Observation)") && e.contains("status")),
             "{err}"
         );
     }
