@@ -407,3 +407,59 @@ fn routing_prefers_structure_then_trigger_then_version_and_reads_csv_value_maps(
     assert_eq!(r, "urn:route:any-adt");
     assert_eq!(g, "female", "from the CSV table");
 }
+
+/// Every text function of the library, through `hl7-edge map`: the values are compared with
+/// what the reference (README of `mappings/`) says each does.
+#[test]
+fn the_function_library_transforms_values_as_documented() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let maps = dir.path().join("maps");
+    std::fs::create_dir_all(&maps).expect("mkdir");
+    let rules = [
+        (r#"PID-3.1, fn: [trim]"#, "ab c"),
+        (r#"PID-3.1, fn: [trim, upper]"#, "AB C"),
+        (r#"PID-3.1, fn: [trim, "prefix('urn:x:')"]"#, "urn:x:ab c"),
+        (r#"PID-3.1, fn: [trim, "suffix('-z')"]"#, "ab c-z"),
+        (r#"PID-3.1, fn: [trim, "replace(' ', '_')"]"#, "ab_c"),
+        (r#"PID-3.1, fn: [trim, "split(' ', -1)"]"#, "c"),
+        (r#"PID-2, fn: [lower]"#, "untrimmed"),
+        (
+            r#"PID-2, fn: [hash]"#,
+            // sha256("UNTRIMMED")
+            "3387f5069f56e5759ff17c02eaf4b9a0524c2106610efcf8792bbf83d14c0098",
+        ),
+    ];
+    let mut yaml = String::from(
+        "messages:\n  fns:\n    match: [\"ADT^*\"]\n    resources:\n      - name: p\n        type: Patient\n        rules:\n",
+    );
+    for (i, (rule, _)) in rules.iter().enumerate() {
+        yaml.push_str(&format!(
+            "          - {{ set: \"identifier[{i}].value\", from: {rule} }}\n          - {{ set: \"identifier[{i}].system\", value: \"urn:fn:{i}\" }}\n"
+        ));
+    }
+    std::fs::write(maps.join("m.yaml"), yaml).expect("write");
+    let msg = dir.path().join("m.hl7");
+    std::fs::write(
+        &msg,
+        "MSH|^~\\&|A|B|C|D|20260101000000||ADT^A28|1|P|2.4\rPID|1|UNTRIMMED|  ab c  ||X^Y||19800101|F\r",
+    )
+    .expect("write");
+    let out = hl7_edge(&["map", s(&msg), "--mappings", s(&maps)], dir.path());
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        text(&out.stderr)
+    );
+    let b: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let p = resource(&b, "Patient");
+    for (i, (rule, want)) in rules.iter().enumerate() {
+        let got = p["identifier"]
+            .as_array()
+            .and_then(|ids| {
+                ids.iter()
+                    .find(|id| id["system"] == format!("urn:fn:{i}").as_str())
+            })
+            .map(|id| id["value"].clone());
+        assert_eq!(got, Some(Value::from(*want)), "{rule}");
+    }
+}

@@ -8,6 +8,8 @@ use crate::map::plan::{Convert, Func, Plan, RulePlan};
 /// Applies one function; `None` means "no value" (an NHS number failing its check).
 pub(super) fn apply(f: &Func, text: String, cx: &RunContext<'_>, plan: &Plan) -> Option<String> {
     Some(match f {
+        // Most values need no trimming: keep the string then (no copy).
+        Func::Trim if text.trim().len() == text.len() => text,
         Func::Trim => text.trim().to_string(),
         Func::Upper => text.to_uppercase(),
         Func::Lower => text.to_lowercase(),
@@ -22,12 +24,27 @@ pub(super) fn apply(f: &Func, text: String, cx: &RunContext<'_>, plan: &Plan) ->
             };
             parts.get(i)?.to_string()
         }
-        Func::Prefix(p) => format!("{p}{text}"),
-        Func::Suffix(s) => format!("{text}{s}"),
+        Func::Prefix(p) => {
+            let mut out = String::with_capacity(p.len() + text.len());
+            out.push_str(p);
+            out.push_str(&text);
+            out
+        }
+        Func::Suffix(s) => {
+            let mut text = text;
+            text.push_str(s);
+            text
+        }
         Func::Replace(a, b) => text.replace(a.as_str(), b),
         Func::Hash => {
             let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-            d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut out = String::with_capacity(64);
+            for b in d.as_ref() {
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+            out
         }
         Func::NhsNumber => {
             let n = nhs::normalise_nhs_number(&text)?;
