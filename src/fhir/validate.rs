@@ -282,40 +282,43 @@ fn check_tree<'a>(
 ) {
     match v {
         Json::Obj(m) => {
-            if let Some(Json::Str(r)) = m.get("reference")
-                && r.starts_with("urn:uuid:")
-                && !full_urls.contains(r)
+            // One pass over the members (this runs on every object of every Bundle).
+            let (mut system, mut value) = (None, None);
+            for (k, c) in m.iter() {
+                match k {
+                    "system" => system = c.as_str(),
+                    "value" => value = Some(c),
+                    _ => {}
+                }
+                match (k, c) {
+                    ("reference", Json::Str(r))
+                        if r.starts_with("urn:uuid:") && !full_urls.contains(r) =>
+                    {
+                        problems.push(format!(
+                            "{path}.reference does not resolve inside the Bundle"
+                        ));
+                    }
+                    (_, Json::Str(s)) if is_datetime_key(k) && s.len() > 10 && !has_offset(s) => {
+                        problems.push(format!(
+                            "{path}.{k}: a date-time with a time must carry an offset"
+                        ));
+                    }
+                    (_, Json::Obj(_) | Json::Arr(_)) => {
+                        path.0.push(Seg::Key(k));
+                        check_tree(c, path, full_urls, problems);
+                        path.0.pop();
+                    }
+                    _ => {}
+                }
+            }
+            if system == Some("https://fhir.nhs.uk/Id/nhs-number")
+                && !value
+                    .and_then(Json::as_str)
+                    .is_some_and(nhs::is_valid_nhs_number)
             {
                 problems.push(format!(
-                    "{path}.reference does not resolve inside the Bundle"
+                    "{path}: an nhs-number identifier fails the modulus 11 check"
                 ));
-            }
-            if m.get("system").and_then(Json::as_str) == Some("https://fhir.nhs.uk/Id/nhs-number") {
-                let ok = m
-                    .get("value")
-                    .and_then(Json::as_str)
-                    .is_some_and(nhs::is_valid_nhs_number);
-                if !ok {
-                    problems.push(format!(
-                        "{path}: an nhs-number identifier fails the modulus 11 check"
-                    ));
-                }
-            }
-            for (k, c) in m.iter() {
-                if let Json::Str(s) = c
-                    && is_datetime_key(k)
-                    && s.len() > 10
-                    && !has_offset(s)
-                {
-                    problems.push(format!(
-                        "{path}.{k}: a date-time with a time must carry an offset"
-                    ));
-                }
-                if matches!(c, Json::Obj(_) | Json::Arr(_)) {
-                    path.0.push(Seg::Key(k));
-                    check_tree(c, path, full_urls, problems);
-                    path.0.pop();
-                }
             }
         }
         Json::Arr(a) => {
