@@ -77,6 +77,7 @@
 //! running daemon through its admin socket ([`crate::ops::admin`]), which executes them with the
 //! daemon's own handle and writer; on a stopped daemon the command opens the file itself.
 
+mod codec;
 mod dedup;
 mod error;
 mod journal;

@@ -4,7 +4,8 @@
 //! by the single writer task in [`super::writer`], which calls [`Outbox::apply_batch`]. Keeping the
 //! mutation code here, next to the table layout, keeps the invariants in one file:
 //!
-//! * `records_meta` holds one JSON meta per live record (state, feed, hashes, sizes);
+//! * `records_meta` holds one meta row per live record (state, feed, hashes, sizes; layout in
+//!   `codec.rs`);
 //! * `records_raw` / `records_bundle` hold the payloads, removed on delivery;
 //! * `pending_by_feed` has `(feed, id)` for every record not yet delivered nor quarantined,
 //!   so a publisher reads its feed in id order with one range scan;
@@ -27,6 +28,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::codec;
 use super::error::StoreError;
 use super::journal::{self, Journal};
 
@@ -784,21 +786,13 @@ impl Outbox {
     }
 
     fn decode_meta(&self, id: u64, bytes: &[u8]) -> Result<RecordMeta, StoreError> {
-        let mut meta: RecordMeta = serde_json::from_slice(bytes)
-            .map_err(|e| self.corrupt(format!("meta of record #{id}: {e}")))?;
-        meta.id = RecordId(id);
-        Ok(meta)
+        codec::decode_meta(id, bytes)
+            .map_err(|e| self.corrupt(format!("meta of record #{id}: {e}")))
     }
 
     fn decode_audit(&self, id: u64, bytes: &[u8]) -> Result<AuditEntry, StoreError> {
-        let mut entry: AuditEntry = serde_json::from_slice(bytes)
-            .map_err(|e| self.corrupt(format!("audit row of record #{id}: {e}")))?;
-        entry.id = RecordId(id);
-        Ok(entry)
-    }
-
-    fn encode<T: Serialize>(&self, id: u64, value: &T) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(value).map_err(|e| self.corrupt(format!("encode record #{id}: {e}")))
+        codec::decode_audit(id, bytes)
+            .map_err(|e| self.corrupt(format!("audit row of record #{id}: {e}")))
     }
 
     // ----------------------------------------------------------------------------------------
@@ -1329,7 +1323,7 @@ impl Outbox {
     }
 
     fn put_meta(&self, t: &mut Tables<'_>, meta: &RecordMeta) -> Result<(), StoreError> {
-        let bytes = self.encode(meta.id.0, meta)?;
+        let bytes = codec::encode_meta(meta);
         t.meta
             .insert(meta.id.0, bytes.as_slice())
             .map_err(self.storage("write meta"))?;
@@ -1575,7 +1569,7 @@ impl Outbox {
                     bundle_sha256: meta.bundle_sha256.clone(),
                     message_id: meta.message_id.clone(),
                 };
-                let bytes = self.encode(id.0, &entry)?;
+                let bytes = codec::encode_audit(&entry);
                 t.audit
                     .insert(id.0, bytes.as_slice())
                     .map_err(self.storage("write audit row"))?;
@@ -1634,8 +1628,8 @@ impl Outbox {
                 let mut undecodable = 0u64;
                 let cutoff = *cutoff_ms;
                 t.audit
-                    .retain(|_, v| {
-                        match serde_json::from_slice::<AuditEntry>(v) {
+                    .retain(|k, v| {
+                        match codec::decode_audit(k, v) {
                             Ok(e) if e.delivered_at_ms < cutoff => {
                                 pruned += 1;
                                 false
