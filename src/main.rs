@@ -971,6 +971,7 @@ fn run(config_path: Option<&Path>) -> Result<ExitCode> {
     let config = Config::load(config_path)?;
     logging::init(&config.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.io_threads())
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
