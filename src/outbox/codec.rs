@@ -129,7 +129,9 @@ pub(super) fn decode_audit(id: u64, bytes: &[u8]) -> Result<AuditEntry, String> 
 fn unknown(first: Option<&u8>) -> String {
     match first {
         None => "empty row".into(),
-        Some(b) => format!("unknown row format (first byte 0x{b:02x}; written by a newer hl7-edge?)"),
+        Some(b) => {
+            format!("unknown row format (first byte 0x{b:02x}; written by a newer hl7-edge?)")
+        }
     }
 }
 
@@ -327,19 +329,32 @@ mod tests {
         }
         let mut long = row.clone();
         long.push(0);
-        assert!(decode_meta(1, &long).unwrap_err().contains("after the last field"));
-        assert!(decode_meta(1, &[0x7f]).unwrap_err().contains("unknown row format"));
-        assert!(decode_meta(1, &encode_audit(&AuditEntry {
-            id: RecordId(1),
-            feed: String::new(),
-            control_id: String::new(),
-            message_type: String::new(),
-            received_at_ms: 0,
-            delivered_at_ms: 0,
-            raw_sha256: String::new(),
-            bundle_sha256: None,
-            message_id: None,
-        }))
-        .is_err());
+        assert!(
+            decode_meta(1, &long)
+                .unwrap_err()
+                .contains("after the last field")
+        );
+        assert!(
+            decode_meta(1, &[0x7f])
+                .unwrap_err()
+                .contains("unknown row format")
+        );
+        assert!(
+            decode_meta(
+                1,
+                &encode_audit(&AuditEntry {
+                    id: RecordId(1),
+                    feed: String::new(),
+                    control_id: String::new(),
+                    message_type: String::new(),
+                    received_at_ms: 0,
+                    delivered_at_ms: 0,
+                    raw_sha256: String::new(),
+                    bundle_sha256: None,
+                    message_id: None,
+                })
+            )
+            .is_err()
+        );
     }
 }

@@ -221,6 +221,7 @@ fn run(
     let mut ops: Vec<WriteOp> = Vec::with_capacity(max_batch);
     let mut replies: Vec<Reply> = Vec::with_capacity(max_batch);
     let mut stop = false;
+    let mut total_ops = 0u64;
     let idle_tick = outbox.checkpoint_interval().max(Duration::from_millis(20));
     while !stop {
         // Idle: make the last non-durable commits durable once the interval is over (see
@@ -253,6 +254,7 @@ fn run(
                 Err(_) => break,
             }
         }
+        total_ops += ops.len() as u64;
         commit(&outbox, &mut ops, &mut replies);
     }
     // Refuse what is still queued: dropping the replies answers `Closed`.
@@ -261,7 +263,9 @@ fn run(
     if let Err(e) = outbox.checkpoint() {
         tracing::error!(path = %outbox.path().display(), error = %e, "outbox: final checkpoint failed; the journal will be replayed at the next start");
     }
-    tracing::debug!(path = %outbox.path().display(), "outbox writer stopped");
+    // Operations per commit tell how well group commit is batching (`RUST_LOG` with
+    // `hl7_edge::outbox::writer=debug`).
+    tracing::debug!(path = %outbox.path().display(), commits = outbox.commit_count(), ops = total_ops, "outbox writer stopped");
 }
 
 fn commit(outbox: &Outbox, ops: &mut Vec<WriteOp>, replies: &mut Vec<Reply>) {
