@@ -365,6 +365,11 @@ impl Worker {
                 // Wait without the message in memory, then read it again: only the budget's
                 // worth of raw bytes is ever held, however many large messages queue.
                 drop(raw);
+                debug!(
+                    record = id.0,
+                    bytes = want,
+                    "waiting for the mappers' in-flight budget"
+                );
                 let Ok(permit) = self.bytes.clone().acquire_many_owned(want).await else {
                     return;
                 };

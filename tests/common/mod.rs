@@ -319,10 +319,16 @@ impl Daemon {
     pub fn write_config(&self) {
         let adapters = self.dir.path().join("adapters");
         std::fs::create_dir_all(&adapters).expect("adapters dir");
+        // 64 KiB frames unless the test sets its own limit.
+        let max_frame = if self.transport_extra.contains("max_frame_bytes") {
+            ""
+        } else {
+            "max_frame_bytes = 65536\n"
+        };
         std::fs::write(
             adapters.join("pas.toml"),
             format!(
-                "name = \"pas\"\ncharset_fallback = \"windows-1252\"\n{}\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:{}\"\nmax_frame_bytes = 65536\n{}\n",
+                "name = \"pas\"\ncharset_fallback = \"windows-1252\"\n{}\n[transport]\nkind = \"mllp\"\nbind = \"127.0.0.1:{}\"\n{max_frame}{}\n",
                 self.feed_extra, self.mllp_port, self.transport_extra
             ),
         )
