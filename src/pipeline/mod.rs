@@ -238,7 +238,7 @@ pub struct Signed {
 /// A message spends part of its turn waiting for the outbox writer to commit its Bundle, and
 /// the writer commits whatever is queued in one transaction. With 4 per thread the mapping
 /// threads idled during those waits and the writer committed ~4 operations at a time; with 16,
-/// commits carry ~6 and the end-to-end benchmark went from ~4,700 to ~5,600 messages/s at 8
+/// commits carry ~9 and the end-to-end benchmark went from ~4,700 to ~5,600 messages/s at 8
 /// connections, with ~12% less daemon CPU per message (README, Performance). The pool still
 /// runs one message per thread at a time; [`IN_FLIGHT_BYTES`] bounds the memory the rest hold.
 const IN_FLIGHT_PER_THREAD: usize = 16;
