@@ -442,6 +442,23 @@ mod tests {
     }
 
     #[test]
+    fn runtime_threads_default_to_half_the_cpus_and_zero_is_refused() {
+        let c = Config::load_with_env(None, no_env()).expect("defaults load");
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert_eq!(c.runtime.io_threads(), (cpus / 2).max(1));
+
+        let mut f = tempfile::NamedTempFile::new().expect("tmp");
+        writeln!(f, "[runtime]\nio_threads = 3").expect("write");
+        let c = Config::load_with_env(Some(f.path()), no_env()).expect("load");
+        assert_eq!(c.runtime.io_threads(), 3);
+
+        let mut f = tempfile::NamedTempFile::new().expect("tmp");
+        writeln!(f, "[runtime]\nio_threads = 0").expect("write");
+        let err = Config::load_with_env(Some(f.path()), no_env()).expect_err("0 threads");
+        assert!(err.to_string().contains("runtime.io_threads"), "{err}");
+    }
+
+    #[test]
     fn explicit_mqtt_identity_wins_over_the_appliance_id() {
         let mut f = tempfile::NamedTempFile::new().expect("tmp");
         writeln!(
