@@ -228,12 +228,19 @@ fn broker_outage_under_load_keeps_acking_and_delivers_everything_in_order() {
     let sub = Sub5::start(broker.port, &["hl7-edge/#"]);
     let d = Daemon::start_with(&broker.url(), FAST_RECONNECT);
 
+    // Enough messages that the load is still running once the broker is down (stopping it
+    // takes a while, and ingest ACKs thousands a second).
     const SENDERS: usize = 3;
-    const PER: usize = 40;
+    const PER: usize = 600;
     let load = start_load(d.addr(), SENDERS, PER, "o");
     load.wait_acks(20);
     broker.stop_graceful();
     let down_at = load.acks.load(Ordering::Relaxed);
+    eprintln!("broker down after {down_at} of {} ACKs", SENDERS * PER);
+    assert!(
+        down_at + 40 <= SENDERS * PER,
+        "the load ended ({down_at} ACKs) before the broker was down: raise PER"
+    );
     // Ingest keeps ACKing while the broker is down.
     load.wait_acks(down_at + 40);
     d.wait_log("connection lost", Duration::from_secs(10));
