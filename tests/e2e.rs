@@ -248,7 +248,7 @@ fn messages_acked_while_the_broker_is_down_arrive_after_restart_of_both() {
 }
 
 /// Messages of several MB each, more of them at once than the mappers' in-flight budget of raw
-/// bytes (4 MiB): each is ACKed, mapped and published exactly once, in order, whether it waited
+/// bytes (4 MiB): each is ACKed, mapped, signed and published exactly once, whether it waited
 /// for the budget (and was read again from the outbox) or not.
 #[test]
 fn large_messages_beyond_the_in_flight_budget_are_all_delivered() {

@@ -15,6 +15,8 @@
 //! binary cannot read the new rows; it reports them as corrupt rather than misreading them.)
 //! Decoding never panics: a short, truncated or unknown row is an error naming what is wrong.
 
+use serde::de::DeserializeOwned;
+
 use super::store::{AuditEntry, RecordId, RecordMeta, RecordState};
 
 /// First byte of a binary meta row.
@@ -51,30 +53,23 @@ pub(super) fn encode_meta(m: &RecordMeta) -> Vec<u8> {
 
 /// The meta of record `id` from its row (binary, or JSON from an earlier version).
 pub(super) fn decode_meta(id: u64, bytes: &[u8]) -> Result<RecordMeta, String> {
-    let mut meta = match bytes.first() {
-        Some(&META_V1) => {
-            let mut r = Reader::new(&bytes[1..]);
-            let meta = RecordMeta {
-                id: RecordId(id),
-                feed: r.string("feed")?,
-                control_id: r.string("control id")?,
-                message_type: r.string("message type")?,
-                received_at_ms: r.u64("received at")?,
-                state: r.state()?,
-                raw_sha256: r.string("raw hash")?,
-                raw_len: r.u64("raw length")?,
-                bundle_sha256: r.opt("bundle hash")?,
-                bundle_len: r.u64("bundle length")?,
-                message_id: r.opt("message id")?,
-                key_id: r.opt("key id")?,
-                delivered_at_ms: None,
-            };
-            r.end()?;
-            meta
-        }
-        Some(b'{') => serde_json::from_slice(bytes).map_err(|e| e.to_string())?,
-        other => return Err(unknown(other)),
-    };
+    let mut meta = decode(bytes, META_V1, |r| {
+        Ok(RecordMeta {
+            id: RecordId(id),
+            feed: r.string("feed")?,
+            control_id: r.string("control id")?,
+            message_type: r.string("message type")?,
+            received_at_ms: r.u64("received at")?,
+            state: r.state()?,
+            raw_sha256: r.string("raw hash")?,
+            raw_len: r.u64("raw length")?,
+            bundle_sha256: r.opt("bundle hash")?,
+            bundle_len: r.u64("bundle length")?,
+            message_id: r.opt("message id")?,
+            key_id: r.opt("key id")?,
+            delivered_at_ms: None,
+        })
+    })?;
     meta.id = RecordId(id);
     Ok(meta)
 }
@@ -102,28 +97,39 @@ pub(super) fn encode_audit(e: &AuditEntry) -> Vec<u8> {
 
 /// The audit entry of record `id` from its row (binary, or JSON from an earlier version).
 pub(super) fn decode_audit(id: u64, bytes: &[u8]) -> Result<AuditEntry, String> {
-    let mut entry = match bytes.first() {
-        Some(&AUDIT_V1) => {
-            let mut r = Reader::new(&bytes[1..]);
-            let entry = AuditEntry {
-                id: RecordId(id),
-                feed: r.string("feed")?,
-                control_id: r.string("control id")?,
-                message_type: r.string("message type")?,
-                received_at_ms: r.u64("received at")?,
-                delivered_at_ms: r.u64("delivered at")?,
-                raw_sha256: r.string("raw hash")?,
-                bundle_sha256: r.opt("bundle hash")?,
-                message_id: r.opt("message id")?,
-            };
-            r.end()?;
-            entry
-        }
-        Some(b'{') => serde_json::from_slice(bytes).map_err(|e| e.to_string())?,
-        other => return Err(unknown(other)),
-    };
+    let mut entry = decode(bytes, AUDIT_V1, |r| {
+        Ok(AuditEntry {
+            id: RecordId(id),
+            feed: r.string("feed")?,
+            control_id: r.string("control id")?,
+            message_type: r.string("message type")?,
+            received_at_ms: r.u64("received at")?,
+            delivered_at_ms: r.u64("delivered at")?,
+            raw_sha256: r.string("raw hash")?,
+            bundle_sha256: r.opt("bundle hash")?,
+            message_id: r.opt("message id")?,
+        })
+    })?;
     entry.id = RecordId(id);
     Ok(entry)
+}
+
+/// A row: binary after the `tag` byte (read whole by `read`), or an earlier version's JSON.
+fn decode<T: DeserializeOwned>(
+    bytes: &[u8],
+    tag: u8,
+    read: impl FnOnce(&mut Reader<'_>) -> Result<T, String>,
+) -> Result<T, String> {
+    match bytes.split_first() {
+        Some((&first, rest)) if first == tag => {
+            let mut r = Reader::new(rest);
+            let value = read(&mut r)?;
+            r.end()?;
+            Ok(value)
+        }
+        Some((b'{', _)) => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        other => Err(unknown(other.map(|(first, _)| first))),
+    }
 }
 
 fn unknown(first: Option<&u8>) -> String {
