@@ -1,7 +1,7 @@
 //! The function library (`fn:`) and conversions to FHIR primitives (`as:`, or the target's type).
 
-use super::node::Node;
 use super::{RunContext, Runner};
+use crate::fhir::tree::Json;
 use crate::fhir::{nhs, time};
 use crate::map::plan::{Convert, Func, Plan, RulePlan};
 
@@ -90,7 +90,7 @@ fn hl7_time(t: &str) -> Option<String> {
 }
 
 impl Runner<'_, '_> {
-    pub(super) fn convert(&mut self, rule: &RulePlan, text: String) -> Option<Node> {
+    pub(super) fn convert(&mut self, rule: &RulePlan, text: String) -> Option<Json> {
         let policy = self.cx.clock_change;
         let origin = &rule.origin;
         let mut warn = |what: &str| {
@@ -98,16 +98,16 @@ impl Runner<'_, '_> {
                 .push(format!("{origin}: {what}; the element was left out"));
         };
         match rule.convert {
-            Convert::String | Convert::None => Some(Node::Str(text)),
+            Convert::String | Convert::None => Some(Json::Str(text)),
             Convert::Date => match time::hl7_to_fhir_date(&text) {
-                Ok(d) => Some(Node::Str(d)),
+                Ok(d) => Some(Json::Str(d)),
                 Err(e) => {
                     warn(&format!("not a date ({e})"));
                     None
                 }
             },
             Convert::Time => match hl7_time(&text) {
-                Some(t) => Some(Node::Str(t)),
+                Some(t) => Some(Json::Str(t)),
                 None => {
                     warn("not a time (HHMM[SS[.S]])");
                     None
@@ -128,7 +128,7 @@ impl Runner<'_, '_> {
                                 flag.code()
                             ));
                         }
-                        Some(Node::Str(dt.value))
+                        Some(Json::Str(dt.value))
                     }
                     Err(e @ (time::TimeError::Ambiguous | time::TimeError::Nonexistent)) => {
                         if self.refused.is_none() {
@@ -147,15 +147,15 @@ impl Runner<'_, '_> {
                 }
             }
             Convert::Boolean => match text.trim().to_ascii_uppercase().as_str() {
-                "Y" | "YES" | "TRUE" | "T" | "1" => Some(Node::Bool(true)),
-                "N" | "NO" | "FALSE" | "F" | "0" => Some(Node::Bool(false)),
+                "Y" | "YES" | "TRUE" | "T" | "1" => Some(Json::Bool(true)),
+                "N" | "NO" | "FALSE" | "F" | "0" => Some(Json::Bool(false)),
                 _ => {
                     warn("not a boolean (Y/N)");
                     None
                 }
             },
             Convert::Integer => match text.trim().parse::<i64>() {
-                Ok(i) => Some(Node::Num(i.into())),
+                Ok(i) => Some(Json::Num(i.into())),
                 Err(_) => {
                     warn("not an integer");
                     None
@@ -173,7 +173,7 @@ impl Runner<'_, '_> {
                     && !digits.ends_with('.');
                 let t = t.trim_start_matches('+');
                 match (looks_decimal, serde_json::from_str::<serde_json::Number>(t)) {
-                    (true, Ok(n)) => Some(Node::Num(n)),
+                    (true, Ok(n)) => Some(Json::Num(n)),
                     _ => {
                         warn("not a decimal");
                         None
@@ -181,7 +181,7 @@ impl Runner<'_, '_> {
                 }
             }
             Convert::NhsNumber => match nhs::normalise_nhs_number(&text) {
-                Some(n) if nhs::is_valid_nhs_number(&n) => Some(Node::Str(n)),
+                Some(n) if nhs::is_valid_nhs_number(&n) => Some(Json::Str(n)),
                 _ => {
                     warn("an NHS number fails the modulus 11 check");
                     None

@@ -1,9 +1,9 @@
 //! Evaluating rules, values, conditions and HL7 paths against one message.
 
-use super::node::{Node, Obj};
 use super::scope::{Cursor, RepFrame};
 use super::{PendingRef, Runner, Val, rep_id, set};
 use crate::fhir::nhs;
+use crate::fhir::tree::{Json, Obj};
 use std::borrow::Cow;
 
 use crate::hl7::{decode_escapes_cow, nth_part, parts};
@@ -13,7 +13,7 @@ use crate::map::plan::*;
 /// A rule's result before it is written.
 enum Out {
     Text(String),
-    Node(Node),
+    Node(Json),
 }
 
 impl<'a, 'm> Runner<'a, 'm> {
@@ -66,17 +66,18 @@ impl<'a, 'm> Runner<'a, 'm> {
             return Ok(false);
         }
         let tracing = self.trace.is_some();
+        // Placeholders written while building this value: their locations are relative to
+        // it until it is placed (below).
+        let refs_before = self.pending.len();
         let (value, from_message, child_mark) = match &rule.source {
             Source::Ref { resource, all } => {
-                let idx = self.pending.len();
                 self.pending.push(PendingRef {
                     resource: *resource,
                     scope: self.scope_of(cur),
                     all: *all,
+                    loc: Vec::new(),
                 });
-                let mut m = Obj::new();
-                m.insert("reference", Node::Ref(idx));
-                (Node::Obj(m), true, None)
+                (set::placeholder(), true, None)
             }
             Source::Object {
                 rules: children,
@@ -89,9 +90,10 @@ impl<'a, 'm> Runner<'a, 'm> {
                     if let (Some(t), Some(m)) = (&mut self.trace, mark) {
                         t.elements.truncate(m);
                     }
+                    self.pending.truncate(refs_before);
                     return Ok(false);
                 }
-                (Node::Obj(child), from_message, mark)
+                (Json::Obj(child), from_message, mark)
             }
             Source::Scalar(spec) => {
                 let Some((out, from_message)) = self.value(spec, cur, rule) else {
@@ -107,8 +109,20 @@ impl<'a, 'm> Runner<'a, 'm> {
                 (v, from_message, None)
             }
         };
-        let path = set::set_path(obj, &rule.target, value, rule, tracing)?;
-        if let (Some(t), Some(p)) = (&mut self.trace, path) {
+        let placed = self.pending.len() > refs_before;
+        let mut loc = Vec::new();
+        let want = (tracing || placed).then_some(&mut loc);
+        if !set::set_path(obj, &rule.target, value, rule, want)? {
+            self.pending.truncate(refs_before);
+            return Ok(false);
+        }
+        if placed {
+            for p in &mut self.pending[refs_before..] {
+                p.loc.splice(0..0, loc.iter().cloned());
+            }
+        }
+        if let Some(t) = &mut self.trace {
+            let p = set::show(&loc);
             if let Some(m) = child_mark {
                 for e in &mut t.elements[m..] {
                     e.0 = format!("{p}.{}", e.0);
@@ -209,13 +223,16 @@ impl<'a, 'm> Runner<'a, 'm> {
         let coding = |system: Option<String>, code: &str, display: Option<&str>| {
             let mut m = Obj::new();
             if let Some(s) = system {
-                m.insert("system", Node::Str(s));
+                m.insert("system", Json::Str(s));
             }
-            m.insert("code", Node::Str(code.to_string()));
-            if let Some(d) = display {
-                m.insert("display", Node::Str(d.to_string()));
+            // Nothing empty is written (see `set`): a table may translate a code to "".
+            if !code.is_empty() {
+                m.insert("code", Json::Str(code.to_string()));
             }
-            Node::Obj(m)
+            if let Some(d) = display.filter(|d| !d.is_empty()) {
+                m.insert("display", Json::Str(d.to_string()));
+            }
+            Json::Obj(m)
         };
         let missing = |me: &mut Self| {
             me.warnings.push(format!(
@@ -255,13 +272,14 @@ impl<'a, 'm> Runner<'a, 'm> {
                 if let Some(src) = render(&vm.source_system, self) {
                     codings.push(coding(Some(src), &text, None));
                 }
+                codings.retain(|c| !matches!(c, Json::Obj(o) if o.is_empty()));
                 if codings.is_empty() {
                     missing(self);
                     return None;
                 }
                 let mut m = Obj::new();
-                m.insert("coding", Node::Arr(codings));
-                Out::Node(Node::Obj(m))
+                m.insert("coding", Json::Arr(codings));
+                Out::Node(Json::Obj(m))
             }
         };
         Some((out, from_message))

@@ -18,14 +18,13 @@
 
 mod convert;
 mod eval;
-mod node;
 mod scope;
 mod set;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use node::{Node, Obj};
+use crate::fhir::tree::{Json, Obj};
 
 use super::plan::*;
 use crate::config::SiteConfig;
@@ -115,6 +114,9 @@ struct PendingRef {
     resource: usize,
     scope: ScopeIds,
     all: bool,
+    /// Where its placeholder is: relative to the element being built until that element is
+    /// placed, then to the resource.
+    loc: Vec<set::Step>,
 }
 
 /// Recording for `--explain`.
@@ -147,9 +149,8 @@ pub(crate) struct Runner<'a, 'm> {
 
 struct Built<'p> {
     plan_index: usize,
-    /// Whether the resource holds reference placeholders (most resources of a message have
-    /// none to resolve, and walking them all was ~7% of mapping).
-    has_refs: bool,
+    /// The pending references whose placeholders are in this resource.
+    refs: std::ops::Range<usize>,
     scope: ScopeIds,
     name: &'p str,
     resource_type: &'p str,
@@ -247,26 +248,29 @@ pub fn run(
     if let Some(e) = r.refused.take() {
         return Err(e);
     }
-    // Each resource in its final form: references resolved, empty elements gone.
-    let finished = built.into_iter().map(|mut b| {
-        let json = if b.has_refs {
-            let mut v = Node::Obj(std::mem::take(&mut b.json));
-            set::resolve_refs(&mut v, &resolved);
-            match v {
-                Node::Obj(m) => m,
-                _ => Obj::new(),
-            }
-        } else {
-            std::mem::take(&mut b.json)
-        };
-        (b, json.into_pruned_json())
-    });
     // One entry per id: a resource built again with the same id (the same ordering clinician on
     // every OBR, keyed by the same identifier) is the same resource; references to it already
     // carry that id. A later copy that differs is dropped with a warning (no values in it).
     let mut seen: ids::IdMap<usize> = ids::IdMap::default();
-    let mut kept: Vec<(Built, tree::Obj)> = Vec::with_capacity(finished.len());
-    for (b, json) in finished {
+    let mut kept: Vec<(Built, tree::Obj)> = Vec::with_capacity(built.len());
+    for mut b in built {
+        // The resource in its final form: references resolved (see `set`).
+        let mut json = std::mem::take(&mut b.json);
+        if !b.refs.is_empty() {
+            let placed = r
+                .pending
+                .get(b.refs.clone())
+                .unwrap_or_default()
+                .iter()
+                .zip(resolved.get(b.refs.clone()).unwrap_or_default())
+                .map(|(p, urns)| set::Placed {
+                    loc: &p.loc,
+                    all: p.all,
+                    urns,
+                })
+                .collect();
+            set::resolve(&mut json, placed);
+        }
         match seen.get(&b.id) {
             Some(&k) => {
                 if kept[k].1 != json {
@@ -337,7 +341,7 @@ fn unmapped_segments(mp: &MessagePlan, msg: &Message) -> Vec<(String, usize)> {
 
 /// `resourceType`, `id` and `meta`, then `content` in its order. A mapping that sets `id` or
 /// `resourceType` itself keeps its value, where the generated one would be.
-fn with_head(mut content: Obj, resource_type: Node, id: Node, meta: Node) -> Obj {
+fn with_head(mut content: Obj, resource_type: Json, id: Json, meta: Json) -> Obj {
     for (at, key, generated) in [
         (0, "resourceType", resource_type),
         (1, "id", id),
@@ -393,15 +397,15 @@ impl<'a, 'm> Runner<'a, 'm> {
         }
         let id = self.resource_id(rp, cur, &content, occ);
         let mut meta = match content.remove("meta") {
-            Some(Node::Obj(m)) => m,
+            Some(Json::Obj(m)) => m,
             _ => Obj::new(),
         };
         if let Some(p) = &rp.profile
-            && let Node::Arr(a) = meta.entry("profile", || Node::Arr(Vec::new()))
+            && let Json::Arr(a) = meta.entry("profile", || Json::Arr(Vec::new()))
         {
-            a.insert(0, Node::Str(p.clone()));
+            a.insert(0, Json::Str(p.clone()));
         }
-        meta.insert("source", Node::Str(self.appliance_uri.clone()));
+        meta.insert("source", Json::Str(self.appliance_uri.clone()));
         if !self.flags.is_empty() {
             self.flags.sort_unstable_by_key(|f| f.code());
             self.flags.dedup();
@@ -410,25 +414,25 @@ impl<'a, 'm> Runner<'a, 'm> {
                 self.cx.site.identifier_base.trim_end_matches('/'),
                 crate::fhir::time::FLAG_CODE_SYSTEM_PATH
             );
-            if let Node::Arr(a) = meta.entry("tag", || Node::Arr(Vec::new())) {
+            if let Json::Arr(a) = meta.entry("tag", || Json::Arr(Vec::new())) {
                 for f in self.flags.drain(..) {
                     let mut t = Obj::new();
-                    t.insert("system", Node::Str(system.clone()));
-                    t.insert("code", Node::Str(f.code().into()));
-                    t.insert("display", Node::Str(f.display().into()));
-                    a.push(Node::Obj(t));
+                    t.insert("system", Json::Str(system.clone()));
+                    t.insert("code", Json::Str(f.code().into()));
+                    t.insert("display", Json::Str(f.display().into()));
+                    a.push(Json::Obj(t));
                 }
             }
         }
         let json = with_head(
             content,
-            Node::Str(rp.resource_type.clone()),
-            Node::Str(ids::text(&id)),
-            Node::Obj(meta),
+            Json::Str(rp.resource_type.clone()),
+            Json::Str(ids::text(&id)),
+            Json::Obj(meta),
         );
         built.push(Built {
             plan_index: ri,
-            has_refs: self.pending.len() > pending_before,
+            refs: pending_before..self.pending.len(),
             scope: self.scope_of(cur),
             name: &rp.name,
             resource_type: &rp.resource_type,
@@ -470,11 +474,11 @@ impl<'a, 'm> Runner<'a, 'm> {
         let first_identifier = content
             .get("identifier")
             .and_then(|v| match v {
-                Node::Arr(a) => a.first(),
+                Json::Arr(a) => a.first(),
                 other => Some(other),
             })
             .and_then(|i| match i {
-                Node::Obj(m) => {
+                Json::Obj(m) => {
                     let system = m.get("system")?.as_str()?;
                     let value = m.get("value")?.as_str()?;
                     Some((system, value))
