@@ -29,9 +29,9 @@ const NAMESPACE_U128: u128 = 0x7cb5_eb26_25e0_57c6_96a6_adc3_a94e_b477;
 /// `["Patient", "https://fhir.nhs.uk/Id/nhs-number", "9449305552"]`). Include the resource type
 /// and the identifier system among the parts so that unrelated resources cannot collide.
 ///
-/// The same UUID as `Uuid::new_v5(&NAMESPACE, netstrings)`, computed with ring's SHA-1 (the
-/// crate's one crypto library): a message takes ~20 ids, and `uuid`'s portable SHA-1 plus a
-/// buffer and a length string per part were ~7% of mapping time. The name is laid out in a
+/// The same UUID as `Uuid::new_v5(&NAMESPACE, netstrings)`, computed with the `sha1` crate's
+/// hardware SHA-1 where the CPU has one (see Cargo.toml): a message takes ~20 ids, and `uuid`'s
+/// portable SHA-1 plus a buffer and a length string per part were ~7% of mapping time. The name is laid out in a
 /// stack buffer (a heap one past 512 bytes) and hashed in one call: feeding ring four small
 /// updates per part cost more than the hashing. The test `matches_uuid_new_v5` pins the
 /// equivalence.
@@ -65,9 +65,9 @@ pub fn resource_uuid(parts: &[&str]) -> Uuid {
         put(b",");
     }
     let name = buf.get(..at).unwrap_or_default();
-    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, name);
+    let digest = <sha1::Sha1 as sha1::Digest>::digest(name);
     let mut bytes = [0u8; 16];
-    for (b, d) in bytes.iter_mut().zip(digest.as_ref()) {
+    for (b, d) in bytes.iter_mut().zip(digest.iter()) {
         *b = *d;
     }
     uuid::Builder::from_sha1_bytes(bytes).into_uuid()
