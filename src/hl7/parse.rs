@@ -29,6 +29,7 @@ use super::error::ParseError;
 use super::header::Header;
 use super::message::{Message, Segment};
 use super::separators::Separators;
+use super::split::contains_char;
 
 /// One non-blank input line.
 struct Line<'a> {
@@ -161,11 +162,25 @@ pub fn parse(text: &str) -> Result<Message, ParseError> {
         Some(Declared::Known(e)) => e,
         _ => UTF_8,
     };
+    let escaped = seps.escape.is_some_and(|esc| {
+        segments.iter().enumerate().any(|(i, seg)| {
+            // MSH-2 holds the escape character itself.
+            let from = if i == 0 {
+                3 + field.len_utf8() + msh2.len()
+            } else {
+                3
+            };
+            seg.line()
+                .get(from..)
+                .is_some_and(|t| contains_char(t, esc))
+        })
+    });
     Ok(Message {
         seps,
         segments,
         header,
         encoding,
+        escaped,
     })
 }
 

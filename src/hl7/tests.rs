@@ -23,6 +23,19 @@ fn defect1_non_ascii_then_escape() {
     assert_eq!(m.get("PID-5.2.1").as_deref(), Some("Renée&x|y"));
 }
 
+#[test]
+fn escapes_are_noticed_anywhere_but_in_msh2() {
+    assert!(!parse(&msg("PID|1||1||Smith^John")).unwrap().has_escapes());
+    assert!(
+        parse(&msg("PID|1||1||Smith\\T\\Jones"))
+            .unwrap()
+            .has_escapes()
+    );
+    // In MSH itself, after the encoding characters.
+    let m = parse("MSH|^~\\&|A\\F\\B|FAC|R|F|T||ADT^A01|1|P|2.5").unwrap();
+    assert!(m.has_escapes());
+}
+
 // ---- defect 2: \X..\, \H\, \N\ ----------------------------------------------------------
 
 #[test]

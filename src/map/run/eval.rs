@@ -465,7 +465,7 @@ impl<'a, 'm> Runner<'a, 'm> {
                                 *component,
                                 *sub,
                             );
-                            let c = decode_escapes_cow(c, seps, self.cx.encoding);
+                            let c = self.decode(c);
                             values.iter().any(|v| *v == c) != *negate
                         })
                         .map(|(i, r)| (si, i, r))
@@ -510,9 +510,18 @@ impl<'a, 'm> Runner<'a, 'm> {
                 negate,
             } => all.find(|r| {
                 let c = component_of(r, seps.component, seps.subcomponent, *component, *sub);
-                let c = decode_escapes_cow(c, seps, self.cx.encoding);
+                let c = self.decode(c);
                 values.iter().any(|v| *v == c) != *negate
             }),
+        }
+    }
+
+    /// The text of a raw value: escape sequences decoded, borrowed when it has none.
+    fn decode<'c>(&self, raw: &'c str) -> Cow<'c, str> {
+        if self.msg.has_escapes() {
+            decode_escapes_cow(raw, self.msg.separators(), self.cx.encoding)
+        } else {
+            Cow::Borrowed(raw)
         }
     }
 
@@ -567,7 +576,7 @@ impl<'a, 'm> Runner<'a, 'm> {
         if raw.is_empty() || raw == "\"\"" {
             return None;
         }
-        let text = decode_escapes_cow(raw, &seps, self.cx.encoding);
+        let text = self.decode(raw);
         if text.trim().is_empty() {
             None
         } else {
