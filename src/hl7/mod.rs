@@ -91,4 +91,4 @@ pub use header::{Header, MessageType, sniff_header};
 pub use message::{Message, Path, Segment, component_of, segment_code};
 pub use parse::parse;
 pub use separators::Separators;
-pub use split::{contains_char, nth_part, parts};
+pub use split::{Parts, contains_char, nth_part, parts};
