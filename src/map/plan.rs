@@ -392,37 +392,58 @@ impl ValueMap {
 
 /// A value map's table: pairs sorted by key, found by binary search. A message looks codes up
 /// ~80 times; hashing each with SipHash (after upper-casing it into a new string) cost more.
+///
+/// Each key also carries its first eight bytes as a big-endian number (zero-padded), whose
+/// order is the keys' order: the search compares those integers and compares the text only
+/// where they tie, so a lookup costs one string comparison, not one per step (the codes are
+/// short, and a `memcmp` call per step was most of the lookup).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Table(Vec<(String, String)>);
+pub struct Table(Vec<(u64, String, String)>);
+
+/// The first eight bytes of a key as a big-endian number, zero-padded.
+fn prefix(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes
+        .take(8)
+        .enumerate()
+        .fold(0, |p, (i, b)| p | u64::from(b) << (56 - 8 * i))
+}
 
 impl Table {
     pub fn get(&self, key: &str) -> Option<&str> {
-        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
-        self.0.get(i).map(|(_, v)| v.as_str())
+        let p = prefix(key.bytes());
+        let i = self
+            .0
+            .binary_search_by(|(kp, k, _)| kp.cmp(&p).then_with(|| k.as_str().cmp(key)))
+            .ok()?;
+        self.0.get(i).map(|(_, _, v)| v.as_str())
     }
 
     /// [`Self::get`] of `key` upper-cased (ASCII), for a table whose keys were upper-cased.
     pub fn get_upper(&self, key: &str) -> Option<&str> {
         let upper = key.bytes().map(|b| b.to_ascii_uppercase());
+        let p = prefix(upper.clone());
         let i = self
             .0
-            .binary_search_by(|(k, _)| k.bytes().cmp(upper.clone()))
+            .binary_search_by(|(kp, k, _)| kp.cmp(&p).then_with(|| k.bytes().cmp(upper.clone())))
             .ok()?;
-        self.0.get(i).map(|(_, v)| v.as_str())
+        self.0.get(i).map(|(_, _, v)| v.as_str())
     }
 
     /// The translations, in key order.
     pub fn values(&self) -> impl Iterator<Item = &String> {
-        self.0.iter().map(|(_, v)| v)
+        self.0.iter().map(|(_, _, v)| v)
     }
 }
 
 /// From unique keys (a map's).
 impl FromIterator<(String, String)> for Table {
     fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
-        let mut v: Vec<(String, String)> = pairs.into_iter().collect();
-        v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        v.dedup_by(|a, b| a.0 == b.0);
+        let mut v: Vec<(u64, String, String)> = pairs
+            .into_iter()
+            .map(|(k, v)| (prefix(k.bytes()), k, v))
+            .collect();
+        v.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        v.dedup_by(|a, b| a.1 == b.1);
         Table(v)
     }
 }
@@ -438,6 +459,9 @@ mod tests {
             ("F", "female"),
             ("U", "unknown"),
             ("MX", "x"),
+            ("ABCDEFGHIJ", "1"),
+            ("ABCDEFGHIK", "2"),
+            ("ABCDEFGH", "3"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -447,14 +471,28 @@ mod tests {
             ("F", "female"),
             ("U", "unknown"),
             ("MX", "x"),
+            ("ABCDEFGHIJ", "1"),
+            ("ABCDEFGHIK", "2"),
+            ("ABCDEFGH", "3"),
         ] {
             assert_eq!(t.get(k), Some(v));
             assert_eq!(t.get_upper(&k.to_lowercase()), Some(v));
         }
-        for k in ["", "m", "A", "Z", "MXX", "é"] {
+        for k in [
+            "",
+            "m",
+            "A",
+            "Z",
+            "MXX",
+            "é",
+            "M\0",
+            "ABCDEFGHI",
+            "ABCDEFGHIJK",
+            "ABCDEFG",
+        ] {
             assert_eq!(t.get(k), None, "{k}");
         }
         assert_eq!(t.get_upper("mxx"), None);
-        assert_eq!(t.values().count(), 4);
+        assert_eq!(t.values().count(), 7);
     }
 }

@@ -9,7 +9,7 @@ use crate::map::plan::{Convert, Func, Plan, RulePlan};
 pub(super) fn apply(f: &Func, text: String, cx: &RunContext<'_>, plan: &Plan) -> Option<String> {
     Some(match f {
         // Most values need no trimming: keep the string then (no copy).
-        Func::Trim if text.trim().len() == text.len() => text,
+        Func::Trim if !needs_trim(&text) => text,
         Func::Trim => text.trim().to_string(),
         Func::Upper => text.to_uppercase(),
         Func::Lower => text.to_lowercase(),
@@ -56,6 +56,15 @@ pub(super) fn apply(f: &Func, text: String, cx: &RunContext<'_>, plan: &Plan) ->
         Func::System => cx.site.local_system(text.trim()),
         Func::Lookup(i) => plan.valuemaps.get(*i)?.get(&text)?.0.to_string(),
     })
+}
+
+/// Whether `str::trim` would change `text`; settled by its first and last bytes when both are
+/// printable ASCII (nearly every value), without the Unicode-aware scan.
+fn needs_trim(text: &str) -> bool {
+    match (text.as_bytes().first(), text.as_bytes().last()) {
+        (Some(a), Some(b)) if a.is_ascii_graphic() && b.is_ascii_graphic() => false,
+        _ => text.trim().len() != text.len(),
+    }
 }
 
 /// HL7 TM (`HHMM[SS[.S+]]`, or the time part of a TS) to FHIR `time` (`hh:mm:ss[.s]`).
@@ -193,6 +202,24 @@ impl Runner<'_, '_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn needs_trim_agrees_with_trim() {
+        for t in [
+            "",
+            " ",
+            "a",
+            " a",
+            "a ",
+            "a b",
+            "\u{a0}x",
+            "x\u{3000}",
+            "é",
+            "\ta",
+        ] {
+            assert_eq!(super::needs_trim(t), t.trim() != t, "{t:?}");
+        }
+    }
+
     #[test]
     fn hl7_times() {
         assert_eq!(super::hl7_time("1430").as_deref(), Some("14:30:00"));

@@ -115,7 +115,8 @@ impl Runner<'_, '_> {
             let Some(g) = self.mp.groups.get(f.group) else {
                 continue;
             };
-            if g.owns.iter().any(|s| s == name) {
+            // Three-byte compares, not string compares (a `memcmp` call each).
+            if g.owns.iter().any(|s| segment_code(s) == Some(code)) {
                 return f
                     .direct
                     .iter()
