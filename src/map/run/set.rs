@@ -226,14 +226,16 @@ pub(super) fn resolve(root: &mut Obj, mut refs: Vec<Placed<'_>>) {
         match (in_list, r.urns) {
             (Some((i, parent)), urns) if urns.len() > 1 => {
                 let template = el.clone();
-                if let Some(Json::Arr(a)) = get_mut(root, parent) {
+                // The element was found at `loc`, so its parent is a list holding index `i`.
+                if let Some(Json::Arr(a)) = get_mut(root, parent)
+                    && i < a.len()
+                {
                     let copies = urns.iter().map(|u| {
                         let mut copy = template.clone();
                         copy.insert("reference", Json::Str((*u).to_string()));
                         Json::Obj(copy)
                     });
-                    let end = (i + 1).min(a.len());
-                    a.splice(i..end, copies);
+                    a.splice(i..=i, copies);
                 }
             }
             (_, [first, ..]) => el.insert("reference", Json::Str((*first).to_string())),
