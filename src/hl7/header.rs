@@ -10,7 +10,7 @@
 use encoding_rs::UTF_8;
 
 use super::error::{ParseError, safe_token};
-use super::escape::decode_escapes;
+use super::escape::decode_escapes_cow;
 use super::message::{Segment, component_of};
 use super::separators::Separators;
 
@@ -73,7 +73,8 @@ impl MshView<'_> {
             .split(self.seps.subcomponent)
             .next()
             .unwrap_or_default();
-        decode_escapes(value, self.seps, UTF_8).trim().to_owned()
+        // One allocation per value: the decoded text is borrowed when it has no escape.
+        decode_escapes_cow(value, self.seps, UTF_8).trim().to_owned()
     }
 
     fn opt(&self, n: usize, comp: usize) -> Option<String> {
