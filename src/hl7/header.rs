@@ -74,7 +74,9 @@ impl MshView<'_> {
             .next()
             .unwrap_or_default();
         // One allocation per value: the decoded text is borrowed when it has no escape.
-        decode_escapes_cow(value, self.seps, UTF_8).trim().to_owned()
+        decode_escapes_cow(value, self.seps, UTF_8)
+            .trim()
+            .to_owned()
     }
 
     fn opt(&self, n: usize, comp: usize) -> Option<String> {

@@ -13,7 +13,7 @@ use crate::map::plan::*;
 /// A rule's result before it is written.
 enum Out {
     Text(String),
-    Node(Json),
+    Element(Json),
 }
 
 impl<'a, 'm> Runner<'a, 'm> {
@@ -100,7 +100,7 @@ impl<'a, 'm> Runner<'a, 'm> {
                     return Ok(false);
                 };
                 let v = match out {
-                    Out::Node(v) => v,
+                    Out::Element(v) => v,
                     Out::Text(t) => match self.convert(rule, t) {
                         Some(v) => v,
                         None => return Ok(false),
@@ -252,11 +252,11 @@ impl<'a, 'm> Runner<'a, 'm> {
                 let source_system = render(&vm.source_system, self);
                 match (hit, source_system) {
                     (Some((v, true)), _) | (Some((v, false)), None) => {
-                        Out::Node(coding(render(&vm.system, self), v, vm.display.get(v)))
+                        Out::Element(coding(render(&vm.system, self), v, vm.display.get(v)))
                     }
                     // Not in the table: the original code in its own system, never a guess.
                     (Some((_, false)), Some(src)) | (None, Some(src)) => {
-                        Out::Node(coding(Some(src), &text, None))
+                        Out::Element(coding(Some(src), &text, None))
                     }
                     (None, None) => {
                         missing(self);
@@ -279,7 +279,7 @@ impl<'a, 'm> Runner<'a, 'm> {
                 }
                 let mut m = Obj::new();
                 m.insert("coding", Json::Arr(codings));
-                Out::Node(Json::Obj(m))
+                Out::Element(Json::Obj(m))
             }
         };
         Some((out, from_message))
