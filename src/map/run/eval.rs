@@ -500,20 +500,21 @@ impl<'a, 'm> Runner<'a, 'm> {
                 values,
                 negate,
             } => all.find(|r| {
-                let c = component_of(r, seps.component, seps.subcomponent, *component, *sub);
-                let c = self.decode(c);
-                values.iter().any(|v| *v == c) != *negate
+                passes(
+                    r,
+                    (*component, *sub),
+                    values,
+                    *negate,
+                    msg,
+                    self.cx.encoding,
+                )
             }),
         }
     }
 
     /// The text of a raw value: escape sequences decoded, borrowed when it has none.
     fn decode<'c>(&self, raw: &'c str) -> Cow<'c, str> {
-        if self.msg.has_escapes() {
-            decode_escapes_cow(raw, self.msg.separators(), self.cx.encoding)
-        } else {
-            Cow::Borrowed(raw)
-        }
+        decode_in(self.msg, raw, self.cx.encoding)
     }
 
     /// The decoded scalar a path points at, or None when absent, empty or `""`.
@@ -616,22 +617,48 @@ impl<'c> Iterator for Reps<'c, '_> {
                     sub,
                     values,
                     negate,
-                } => {
-                    let seps = self.msg.separators();
-                    let c = component_of(r, seps.component, seps.subcomponent, *component, *sub);
-                    let c = if self.msg.has_escapes() {
-                        decode_escapes_cow(c, seps, self.encoding)
-                    } else {
-                        Cow::Borrowed(c)
-                    };
-                    values.iter().any(|v| *v == c) != *negate
-                }
+                } => passes(
+                    r,
+                    (*component, *sub),
+                    values,
+                    *negate,
+                    self.msg,
+                    self.encoding,
+                ),
             };
             if take {
                 return Some((self.seg, i, r));
             }
         }
     }
+}
+
+/// The text of raw value `raw` of `msg`: escape sequences decoded, borrowed when it has none.
+fn decode_in<'c>(
+    msg: &crate::hl7::Message,
+    raw: &'c str,
+    encoding: &'static encoding_rs::Encoding,
+) -> Cow<'c, str> {
+    if msg.has_escapes() {
+        decode_escapes_cow(raw, msg.separators(), encoding)
+    } else {
+        Cow::Borrowed(raw)
+    }
+}
+
+/// Whether repetition `r` passes a `[c.s=A,B]` filter (`[c.s!=A,B]` with `negate`).
+fn passes(
+    r: &str,
+    (component, sub): (usize, usize),
+    values: &[String],
+    negate: bool,
+    msg: &crate::hl7::Message,
+    encoding: &'static encoding_rs::Encoding,
+) -> bool {
+    let seps = msg.separators();
+    let c = component_of(r, seps.component, seps.subcomponent, component, sub);
+    let c = decode_in(msg, c, encoding);
+    values.iter().any(|v| *v == c) != negate
 }
 
 /// Whether `text` is only white space (`str::trim` would leave nothing). Nearly every value
