@@ -408,6 +408,81 @@ fn routing_prefers_structure_then_trigger_then_version_and_reads_csv_value_maps(
     assert_eq!(g, "female", "from the CSV table");
 }
 
+/// Nothing empty reaches a Bundle (FHIR forbids empty strings, objects and lists): a value
+/// map translating to "", an empty profile and a reference with no target leave no trace.
+#[test]
+fn empty_values_and_unresolved_references_leave_nothing_behind() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let maps = dir.path().join("maps");
+    std::fs::create_dir_all(&maps).expect("mkdir");
+    std::fs::write(
+        maps.join("m.yaml"),
+        r#"messages:
+  adt:
+    match: ["ADT^A01"]
+    resources:
+      - name: p
+        type: Patient
+        profile: ""
+        rules:
+          - { set: "identifier[0].value", from: PID-3.1 }
+          - { set: "name[0].text", from: PID-8, lookup: blank }
+          - { set: "name[0].family", from: PID-5.1 }
+      - name: e
+        type: Encounter
+        rules:
+          - { set: "identifier[0].value", from: PV1-19 }
+          - { set: subject, ref: p }
+          - { set: "participant[+].individual", ref: nobody }
+          - { set: "participant[0].type[0].text", value: "kept beside a dropped reference" }
+          - { set: "location[+].location", ref: nobody }
+      - name: nobody
+        type: Practitioner
+        when: { path: ZZZ-1, exists: true }
+        rules:
+          - { set: "identifier[0].value", from: ZZZ-1 }
+valuemaps:
+  blank: { entries: { F: "" } }
+"#,
+    )
+    .expect("write");
+    let msg = dir.path().join("m.hl7");
+    std::fs::write(
+        &msg,
+        "MSH|^~\\&|A|B|C|D|20260101000000||ADT^A01|1|P|2.4\rPID|1||123||X^Y||19800101|F\rPV1|1|I|||||||||||||||||V1\r",
+    )
+    .expect("write");
+    let out = hl7_edge(&["map", s(&msg), "--mappings", s(&maps)], dir.path());
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        text(&out.stderr)
+    );
+    let b: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let p = resource(&b, "Patient");
+    assert_eq!(p["name"][0]["family"], "X", "{p}");
+    assert!(p["name"][0].get("text").is_none(), "{p}");
+    assert!(p["meta"].get("profile").is_none(), "{p}");
+    let e = resource(&b, "Encounter");
+    let patient_url = b["entry"]
+        .as_array()
+        .and_then(|es| {
+            es.iter()
+                .find(|x| x["resource"]["resourceType"] == "Patient")
+        })
+        .map(|x| x["fullUrl"].clone())
+        .expect("patient entry");
+    assert_eq!(e["subject"]["reference"], patient_url, "{e}");
+    assert_eq!(
+        e["participant"],
+        serde_json::json!([{ "type": [{ "text": "kept beside a dropped reference" }] }]),
+        "{e}"
+    );
+    assert!(e.get("location").is_none(), "{e}");
+    let body = text(&out.stdout);
+    assert!(!body.contains("null") && !body.contains("\"\""), "{body}");
+}
+
 /// Every text function of the library, through `hl7-edge map`: the values are compared with
 /// what the reference (README of `mappings/`) says each does.
 #[test]

@@ -400,7 +400,8 @@ impl<'a, 'm> Runner<'a, 'm> {
             Some(Json::Obj(m)) => m,
             _ => Obj::new(),
         };
-        if let Some(p) = &rp.profile
+        // Nothing empty is written (see `set`): a mapping's `profile: ""` adds no profile.
+        if let Some(p) = rp.profile.as_ref().filter(|p| !p.is_empty())
             && let Json::Arr(a) = meta.entry("profile", || Json::Arr(Vec::new()))
         {
             a.insert(0, Json::Str(p.clone()));
