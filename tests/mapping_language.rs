@@ -30,6 +30,30 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// A temporary directory holding `maps/m.yaml` with `yaml` in it.
+fn mappings_with(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let maps = dir.path().join("maps");
+    std::fs::create_dir_all(&maps).expect("mkdir");
+    std::fs::write(maps.join("m.yaml"), yaml).expect("write");
+    (dir, maps)
+}
+
+/// Maps `message` (an HL7 text) with the mappings in `maps` through `hl7-edge map`, and returns
+/// the Bundle. Exit 1 only says a toy Bundle misses the London overlay's minimums; the Bundle
+/// is still printed.
+fn map_bundle(dir: &Path, maps: &Path, message: &str) -> Value {
+    let msg = dir.join("m.hl7");
+    std::fs::write(&msg, message).expect("write");
+    let out = hl7_edge(&["map", s(&msg), "--mappings", s(maps)], dir);
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
 /// A copy of the shipped mappings folder (golden tests included) to change freely.
 fn copy_mappings(to: &Path) {
     fn copy(from: &Path, to: &Path) {
@@ -49,11 +73,7 @@ fn copy_mappings(to: &Path) {
 
 #[test]
 fn check_reports_fhir_path_errors_with_positions_and_suggestions() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let maps = dir.path().join("maps");
-    std::fs::create_dir_all(&maps).expect("mkdir");
-    std::fs::write(
-        maps.join("m.yaml"),
+    let (dir, maps) = mappings_with(
         r#"messages:
   m:
     match: ["ADT^A01"]
@@ -82,8 +102,7 @@ overlays:
   - message: mm
     remove: [x]
 "#,
-    )
-    .expect("write");
+    );
     let out = hl7_edge(&["check", "--mappings", s(&maps)], dir.path());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
     let err = text(&out.stderr);
@@ -376,21 +395,13 @@ fn routing_prefers_structure_then_trigger_then_version_and_reads_csv_value_maps(
     )
     .expect("write");
     let route = |msh9: &str, version: &str| -> (String, String) {
-        let msg = dir.path().join("m.hl7");
-        std::fs::write(
-            &msg,
-            format!("MSH|^~\\&|A|B|C|D|20260101000000||{msh9}|1|P|{version}\rPID|1||123||X^Y||19800101|F\r"),
-        )
-        .expect("write");
-        let out = hl7_edge(&["map", s(&msg), "--mappings", s(&maps)], dir.path());
-        // Exit 1 only says these toy Bundles miss the London overlay's minimums; the Bundle is
-        // still printed, and routing is what this test is about.
-        assert!(
-            matches!(out.status.code(), Some(0 | 1)),
-            "{msh9}: {}",
-            text(&out.stderr)
+        let b = map_bundle(
+            dir.path(),
+            &maps,
+            &format!(
+                "MSH|^~\\&|A|B|C|D|20260101000000||{msh9}|1|P|{version}\rPID|1||123||X^Y||19800101|F\r"
+            ),
         );
-        let b: Value = serde_json::from_slice(&out.stdout).expect("json");
         let p = resource(&b, "Patient");
         (
             p["identifier"][0]["system"]
@@ -412,11 +423,7 @@ fn routing_prefers_structure_then_trigger_then_version_and_reads_csv_value_maps(
 /// map translating to "", an empty profile and a reference with no target leave no trace.
 #[test]
 fn empty_values_and_unresolved_references_leave_nothing_behind() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let maps = dir.path().join("maps");
-    std::fs::create_dir_all(&maps).expect("mkdir");
-    std::fs::write(
-        maps.join("m.yaml"),
+    let (dir, maps) = mappings_with(
         r#"messages:
   adt:
     match: ["ADT^A01"]
@@ -444,21 +451,12 @@ fn empty_values_and_unresolved_references_leave_nothing_behind() {
 valuemaps:
   blank: { entries: { F: "" } }
 "#,
-    )
-    .expect("write");
-    let msg = dir.path().join("m.hl7");
-    std::fs::write(
-        &msg,
-        "MSH|^~\\&|A|B|C|D|20260101000000||ADT^A01|1|P|2.4\rPID|1||123||X^Y||19800101|F\rPV1|1|I|||||||||||||||||V1\r",
-    )
-    .expect("write");
-    let out = hl7_edge(&["map", s(&msg), "--mappings", s(&maps)], dir.path());
-    assert!(
-        matches!(out.status.code(), Some(0 | 1)),
-        "{}",
-        text(&out.stderr)
     );
-    let b: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let b = map_bundle(
+        dir.path(),
+        &maps,
+        "MSH|^~\\&|A|B|C|D|20260101000000||ADT^A01|1|P|2.4\rPID|1||123||X^Y||19800101|F\rPV1|1|I|||||||||||||||||V1\r",
+    );
     let p = resource(&b, "Patient");
     assert_eq!(p["name"][0]["family"], "X", "{p}");
     assert!(p["name"][0].get("text").is_none(), "{p}");
@@ -479,7 +477,7 @@ valuemaps:
         "{e}"
     );
     assert!(e.get("location").is_none(), "{e}");
-    let body = text(&out.stdout);
+    let body = b.to_string();
     assert!(!body.contains("null") && !body.contains("\"\""), "{body}");
 }
 
@@ -513,19 +511,11 @@ fn the_function_library_transforms_values_as_documented() {
         ));
     }
     std::fs::write(maps.join("m.yaml"), yaml).expect("write");
-    let msg = dir.path().join("m.hl7");
-    std::fs::write(
-        &msg,
+    let b = map_bundle(
+        dir.path(),
+        &maps,
         "MSH|^~\\&|A|B|C|D|20260101000000||ADT^A28|1|P|2.4\rPID|1|UNTRIMMED|  ab c  ||X^Y||19800101|F\r",
-    )
-    .expect("write");
-    let out = hl7_edge(&["map", s(&msg), "--mappings", s(&maps)], dir.path());
-    assert!(
-        matches!(out.status.code(), Some(0 | 1)),
-        "{}",
-        text(&out.stderr)
     );
-    let b: Value = serde_json::from_slice(&out.stdout).expect("json");
     let p = resource(&b, "Patient");
     for (i, (rule, want)) in rules.iter().enumerate() {
         let got = p["identifier"]
