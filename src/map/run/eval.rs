@@ -467,51 +467,6 @@ impl<'a, 'm> Runner<'a, 'm> {
         out
     }
 
-    /// The first repetition an absolute field path selects (the hot path of every read: no
-    /// allocation).
-    fn first_rep(&mut self, p: &Hl7Path, cur: &Cursor<'_>) -> Option<&'m str> {
-        let Hl7Path::Absolute {
-            segment,
-            occurrence,
-            field: Some(field),
-            rep,
-            ..
-        } = p
-        else {
-            return None;
-        };
-        let si = self.find_segment(segment, *occurrence, cur)?;
-        if let Some(t) = &mut self.trace {
-            t.used.insert((si, *field));
-        }
-        let msg: &'m crate::hl7::Message = self.msg;
-        let seps = msg.separators();
-        let raw = msg.segments().get(si)?.field_raw(*field)?;
-        if raw.is_empty() {
-            return None;
-        }
-        let mut all = parts(raw, seps.repetition);
-        match rep {
-            RepSelect::First | RepSelect::All => all.next(),
-            RepSelect::Index(n) => all.nth(n.saturating_sub(1)),
-            RepSelect::Filter {
-                component,
-                sub,
-                values,
-                negate,
-            } => all.find(|r| {
-                passes(
-                    r,
-                    (*component, *sub),
-                    values,
-                    *negate,
-                    msg,
-                    self.cx.encoding,
-                )
-            }),
-        }
-    }
-
     /// The text of a raw value: escape sequences decoded, borrowed when it has none.
     fn decode<'c>(&self, raw: &'c str) -> Cow<'c, str> {
         decode_in(self.msg, raw, self.cx.encoding)
@@ -537,24 +492,17 @@ impl<'a, 'm> Runner<'a, 'm> {
             }
             Hl7Path::Absolute {
                 segment,
-                occurrence,
                 field: Some(field),
                 component,
                 sub,
                 ..
             } => {
+                // The first repetition selected (an iterator: no allocation).
+                let (_, _, first) = self.reps(p, cur).next()?;
                 // MSH-1 and MSH-2 are the separators themselves: never split them.
                 if segment == "MSH" && *field <= 2 {
-                    let si = self.find_segment(segment, *occurrence, cur)?;
-                    let msg: &'m crate::hl7::Message = self.msg;
-                    return msg
-                        .segments()
-                        .get(si)?
-                        .field_raw(*field)
-                        .filter(|s| !s.is_empty())
-                        .map(Cow::Borrowed);
+                    return Some(Cow::Borrowed(first));
                 }
-                let first = self.first_rep(p, cur)?;
                 component_of(
                     first,
                     seps.component,
