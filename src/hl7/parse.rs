@@ -162,19 +162,21 @@ pub fn parse(text: &str) -> Result<Message, ParseError> {
         Some(Declared::Known(e)) => e,
         _ => UTF_8,
     };
-    let escaped = seps.escape.is_some_and(|esc| {
-        segments.iter().enumerate().any(|(i, seg)| {
+    if let Some(esc) = seps.escape {
+        for (i, seg) in segments.iter_mut().enumerate() {
             // MSH-2 holds the escape character itself.
             let from = if i == 0 {
                 3 + field.len_utf8() + msh2.len()
             } else {
                 3
             };
-            seg.line()
+            seg.escaped = seg
+                .line()
                 .get(from..)
-                .is_some_and(|t| contains_char(t, esc))
-        })
-    });
+                .is_some_and(|t| contains_char(t, esc));
+        }
+    }
+    let escaped = segments.iter().any(|s| s.escaped);
     Ok(Message {
         seps,
         segments,

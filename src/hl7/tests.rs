@@ -34,6 +34,11 @@ fn escapes_are_noticed_anywhere_but_in_msh2() {
     // In MSH itself, after the encoding characters.
     let m = parse("MSH|^~\\&|A\\F\\B|FAC|R|F|T||ADT^A01|1|P|2.5").unwrap();
     assert!(m.has_escapes());
+    assert!(m.segments()[0].has_escapes());
+    // Per segment: only the one that has it.
+    let m = parse(&msg("PID|1||1||Smith^John\rNTE|1||A\\T\\E\rNTE|2||plain")).unwrap();
+    let flags: Vec<bool> = m.segments().iter().map(|s| s.has_escapes()).collect();
+    assert_eq!(flags, [false, false, true, false]);
 }
 
 // ---- defect 2: \X..\, \H\, \N\ ----------------------------------------------------------

@@ -467,9 +467,10 @@ impl<'a, 'm> Runner<'a, 'm> {
         out
     }
 
-    /// The text of a raw value: escape sequences decoded, borrowed when it has none.
-    fn decode<'c>(&self, raw: &'c str) -> Cow<'c, str> {
-        decode_in(self.msg, raw, self.cx.encoding)
+    /// The text of a raw value of segment `seg`: escape sequences decoded, borrowed when it
+    /// has none.
+    fn decode<'c>(&self, seg: usize, raw: &'c str) -> Cow<'c, str> {
+        decode_in(self.msg, seg, raw, self.cx.encoding)
     }
 
     /// The decoded scalar a path points at, or None when absent, empty or `""`.
@@ -484,11 +485,13 @@ impl<'a, 'm> Runner<'a, 'm> {
         'm: 'c,
     {
         let seps = *self.msg.separators();
-        let raw = match p {
+        let (seg, raw) = match p {
             Hl7Path::Relative { component, sub } => {
                 let f = cur.rep?;
                 let comp = f.component(seps.component, *component).unwrap_or("");
-                nth_part(comp, seps.subcomponent, sub.unwrap_or(1).saturating_sub(1)).unwrap_or("")
+                let raw = nth_part(comp, seps.subcomponent, sub.unwrap_or(1).saturating_sub(1))
+                    .unwrap_or("");
+                (f.seg, raw)
             }
             Hl7Path::Absolute {
                 segment,
@@ -498,25 +501,26 @@ impl<'a, 'm> Runner<'a, 'm> {
                 ..
             } => {
                 // The first repetition selected (an iterator: no allocation).
-                let (_, _, first) = self.reps(p, cur).next()?;
+                let (seg, _, first) = self.reps(p, cur).next()?;
                 // MSH-1 and MSH-2 are the separators themselves: never split them.
                 if segment == "MSH" && *field <= 2 {
                     return Some(Cow::Borrowed(first));
                 }
-                component_of(
+                let raw = component_of(
                     first,
                     seps.component,
                     seps.subcomponent,
                     component.unwrap_or(1),
                     sub.unwrap_or(1),
-                )
+                );
+                (seg, raw)
             }
             Hl7Path::Absolute { field: None, .. } => return None,
         };
         if raw.is_empty() || raw == "\"\"" {
             return None;
         }
-        let text = self.decode(raw);
+        let text = self.decode(seg, raw);
         if blank(&text) { None } else { Some(text) }
     }
 }
@@ -567,6 +571,7 @@ impl<'c> Iterator for Reps<'c, '_> {
                     negate,
                 } => passes(
                     r,
+                    self.seg,
                     (*component, *sub),
                     values,
                     *negate,
@@ -581,13 +586,15 @@ impl<'c> Iterator for Reps<'c, '_> {
     }
 }
 
-/// The text of raw value `raw` of `msg`: escape sequences decoded, borrowed when it has none.
+/// The text of raw value `raw` of segment `seg` of `msg`: escape sequences decoded, borrowed
+/// when the segment has none.
 fn decode_in<'c>(
     msg: &crate::hl7::Message,
+    seg: usize,
     raw: &'c str,
     encoding: &'static encoding_rs::Encoding,
 ) -> Cow<'c, str> {
-    if msg.has_escapes() {
+    if msg.segments().get(seg).is_none_or(|s| s.has_escapes()) {
         decode_escapes_cow(raw, msg.separators(), encoding)
     } else {
         Cow::Borrowed(raw)
@@ -597,6 +604,7 @@ fn decode_in<'c>(
 /// Whether repetition `r` passes a `[c.s=A,B]` filter (`[c.s!=A,B]` with `negate`).
 fn passes(
     r: &str,
+    seg: usize,
     (component, sub): (usize, usize),
     values: &[String],
     negate: bool,
@@ -605,7 +613,7 @@ fn passes(
 ) -> bool {
     let seps = msg.separators();
     let c = component_of(r, seps.component, seps.subcomponent, component, sub);
-    let c = decode_in(msg, c, encoding);
+    let c = decode_in(msg, seg, c, encoding);
     values.iter().any(|v| *v == c) != negate
 }
 
