@@ -419,14 +419,20 @@ impl Table {
     }
 
     /// [`Self::get`] of `key` upper-cased (ASCII), for a table whose keys were upper-cased.
+    /// A code (nearly always under 32 bytes) is upper-cased on the stack, then looked up as
+    /// any key: comparing through a mapping iterator at every step of the search cost more
+    /// than the rest of the lookup.
     pub fn get_upper(&self, key: &str) -> Option<&str> {
-        let upper = key.bytes().map(|b| b.to_ascii_uppercase());
-        let p = prefix(upper.clone());
-        let i = self
-            .0
-            .binary_search_by(|(kp, k, _)| kp.cmp(&p).then_with(|| k.bytes().cmp(upper.clone())))
-            .ok()?;
-        self.0.get(i).map(|(_, _, v)| v.as_str())
+        let mut buf = [0u8; 32];
+        match buf.get_mut(..key.len()) {
+            Some(b) => {
+                b.copy_from_slice(key.as_bytes());
+                b.make_ascii_uppercase();
+                // ASCII upper-casing keeps UTF-8 valid.
+                self.get(std::str::from_utf8(b).ok()?)
+            }
+            None => self.get(&key.to_ascii_uppercase()),
+        }
     }
 
     /// The translations, in key order.
@@ -494,5 +500,10 @@ mod tests {
         }
         assert_eq!(t.get_upper("mxx"), None);
         assert_eq!(t.values().count(), 7);
+        // Keys longer than the stack buffer of `get_upper`.
+        let long = "LONG-CODE-".repeat(5);
+        let t: Table = [(long.clone(), "v".to_string())].into_iter().collect();
+        assert_eq!(t.get_upper(&long.to_lowercase()), Some("v"));
+        assert_eq!(t.get_upper(&long[..32].to_lowercase()), None);
     }
 }

@@ -35,10 +35,24 @@ pub(crate) struct RepFrame<'c> {
     pub key: u32,
     pub id: u64,
     pub up: Option<&'c RepFrame<'c>>,
-    /// Byte ranges of the components of `raw`, found on the first relative read: a datatype
-    /// map reads ~10 components of each repetition (`.1` to `.13`), and finding each one by
-    /// scanning from the start was the largest cost of mapping.
-    comps: OnceCell<Vec<(usize, usize)>>,
+    /// Where the components of `raw` end, found on the first relative read: a datatype map
+    /// reads ~10 components of each repetition (`.1` to `.13`), and finding each one by
+    /// scanning from the start was the largest cost of mapping. Kept inline (no allocation
+    /// per repetition: a message iterates ~90).
+    comps: OnceCell<Comps>,
+}
+
+/// How many component ends a [`RepFrame`] keeps; later components (rare: XCN has 23) are
+/// found by scanning on from the last one kept.
+const KEPT: usize = 16;
+
+/// The end offsets of the first components of a repetition.
+struct Comps {
+    ends: [u32; KEPT],
+    /// How many of `ends` are set (at most [`KEPT`]).
+    len: usize,
+    /// Whether the repetition has more components than `len`.
+    more: bool,
 }
 
 impl<'c> RepFrame<'c> {
@@ -55,18 +69,41 @@ impl<'c> RepFrame<'c> {
 
     /// Component `c` (1-based) of the repetition, split on `sep`; `None` when absent.
     pub fn component(&self, sep: char, c: usize) -> Option<&'c str> {
+        let raw: &'c str = self.raw;
+        let width = sep.len_utf8();
         let comps = self.comps.get_or_init(|| {
-            let mut out = Vec::with_capacity(8);
-            let mut start = 0;
-            for part in parts(self.raw, sep) {
-                out.push((start, start + part.len()));
-                start += part.len() + sep.len_utf8();
+            let mut out = Comps {
+                ends: [0; KEPT],
+                len: 0,
+                more: false,
+            };
+            let mut end = 0;
+            for part in parts(raw, sep) {
+                if out.len == KEPT {
+                    out.more = true;
+                    break;
+                }
+                end += part.len();
+                // A repetition longer than 4 GiB cannot reach here (frames are far smaller).
+                out.ends[out.len] = u32::try_from(end).unwrap_or(u32::MAX);
+                out.len += 1;
+                end += width;
             }
             out
         });
-        let &(a, b) = comps.get(c.saturating_sub(1))?;
-        let raw: &'c str = self.raw;
-        raw.get(a..b)
+        let i = c.checked_sub(1)?;
+        let start = |i: usize| match i.checked_sub(1) {
+            None => 0,
+            Some(p) => comps.ends.get(p).map_or(usize::MAX, |e| *e as usize + width),
+        };
+        if i < comps.len {
+            let end = *comps.ends.get(i)? as usize;
+            return raw.get(start(i)..end);
+        }
+        if !comps.more {
+            return None;
+        }
+        crate::hl7::nth_part(raw.get(start(comps.len)..)?, sep, i - comps.len)
     }
 }
 
@@ -234,6 +271,25 @@ impl Runner<'_, '_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn components_agree_with_splitting() {
+        use super::RepFrame;
+        let long: String = (1..=30).map(|n| n.to_string()).collect::<Vec<_>>().join("^");
+        for raw in ["", "a", "a^b", "^^", "é^ü^", long.as_str()] {
+            let f = RepFrame::new(raw, 0, 0, 0, None);
+            let want: Vec<&str> = raw.split('^').collect();
+            for c in 0..=want.len() + 2 {
+                let expected = c.checked_sub(1).and_then(|i| want.get(i).copied());
+                assert_eq!(f.component('^', c), expected, "{raw:?} component {c}");
+            }
+        }
+        // A multi-byte separator.
+        let f = RepFrame::new("a§bb§", 0, 0, 0, None);
+        assert_eq!(f.component('§', 2), Some("bb"));
+        assert_eq!(f.component('§', 3), Some(""));
+        assert_eq!(f.component('§', 4), None);
+    }
+
     #[test]
     fn scopes_agree_on_shared_keys_only() {
         use super::compatible;
