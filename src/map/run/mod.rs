@@ -180,7 +180,8 @@ pub fn run(
         flags: Vec::new(),
         clock_flags: Vec::new(),
         refused: None,
-        keyed: ids::IdMap::default(),
+        // Sized for a message's resources, so it does not grow (rehash) while mapping.
+        keyed: ids::IdMap::with_capacity_and_hasher(mp.resources.len() * 2, Default::default()),
     };
     let root = Cursor {
         groups: &[],
@@ -251,7 +252,8 @@ pub fn run(
     // One entry per id: a resource built again with the same id (the same ordering clinician on
     // every OBR, keyed by the same identifier) is the same resource; references to it already
     // carry that id. A later copy that differs is dropped with a warning (no values in it).
-    let mut seen: ids::IdMap<usize> = ids::IdMap::default();
+    let mut seen: ids::IdMap<usize> =
+        ids::IdMap::with_capacity_and_hasher(built.len(), Default::default());
     let mut kept: Vec<(Built, tree::Obj)> = Vec::with_capacity(built.len());
     for mut b in built {
         // The resource in its final form: references resolved (see `set`).

@@ -94,7 +94,10 @@ impl<'c> RepFrame<'c> {
         let i = c.checked_sub(1)?;
         let start = |i: usize| match i.checked_sub(1) {
             None => 0,
-            Some(p) => comps.ends.get(p).map_or(usize::MAX, |e| *e as usize + width),
+            Some(p) => comps
+                .ends
+                .get(p)
+                .map_or(usize::MAX, |e| *e as usize + width),
         };
         if i < comps.len {
             let end = *comps.ends.get(i)? as usize;
@@ -274,7 +277,10 @@ mod tests {
     #[test]
     fn components_agree_with_splitting() {
         use super::RepFrame;
-        let long: String = (1..=30).map(|n| n.to_string()).collect::<Vec<_>>().join("^");
+        let long: String = (1..=30)
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join("^");
         for raw in ["", "a", "a^b", "^^", "é^ü^", long.as_str()] {
             let f = RepFrame::new(raw, 0, 0, 0, None);
             let want: Vec<&str> = raw.split('^').collect();
