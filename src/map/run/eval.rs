@@ -441,13 +441,7 @@ impl<'a, 'm> Runner<'a, 'm> {
                 rep,
                 ..
             } => {
-                let Some(si) = self.find_segment(segment, *occurrence, cur) else {
-                    return out;
-                };
-                if let Some(t) = &mut self.trace {
-                    t.used.insert((si, *field));
-                }
-                let Some(raw) = msg.segments().get(si).and_then(|s| s.field_raw(*field)) else {
+                let Some((si, raw)) = self.field_of(segment, *occurrence, *field, cur) else {
                     return out;
                 };
                 out.seg = si;
@@ -465,6 +459,23 @@ impl<'a, 'm> Runner<'a, 'm> {
             Hl7Path::Absolute { field: None, .. } => {}
         }
         out
+    }
+
+    /// The raw text of field `field` of the segment an absolute path reads (see
+    /// [`Runner::find_segment`]), with that segment's index; recorded as read for `--explain`.
+    fn field_of(
+        &mut self,
+        segment: &str,
+        occurrence: usize,
+        field: usize,
+        cur: &Cursor<'_>,
+    ) -> Option<(usize, &'m str)> {
+        let si = self.find_segment(segment, occurrence, cur)?;
+        if let Some(t) = &mut self.trace {
+            t.used.insert((si, field));
+        }
+        let msg: &'m crate::hl7::Message = self.msg;
+        Some((si, msg.segments().get(si)?.field_raw(field)?))
     }
 
     /// The text of a raw value of segment `seg`: escape sequences decoded, borrowed when it
@@ -488,10 +499,22 @@ impl<'a, 'm> Runner<'a, 'm> {
         let (seg, raw) = match p {
             Hl7Path::Relative { component, sub } => {
                 let f = cur.rep?;
-                let comp = f.component(seps.component, *component).unwrap_or("");
-                let raw = nth_part(comp, seps.subcomponent, sub.unwrap_or(1).saturating_sub(1))
-                    .unwrap_or("");
+                let raw = f.part(&seps, *component, sub.unwrap_or(1)).unwrap_or("");
                 (f.seg, raw)
+            }
+            Hl7Path::Absolute {
+                segment,
+                occurrence,
+                field: Some(field),
+                rep: RepSelect::All | RepSelect::First,
+                component,
+                sub,
+            } if !(segment == "MSH" && *field <= 2) => {
+                // The first repetition, without a repetition filter: found in the same pass
+                // as the component and subcomponent (most absolute reads).
+                let (seg, raw) = self.field_of(segment, *occurrence, *field, cur)?;
+                let part = first_rep_part(raw, &seps, component.unwrap_or(1), sub.unwrap_or(1));
+                (seg, part)
             }
             Hl7Path::Absolute {
                 segment,
@@ -628,6 +651,52 @@ fn blank(text: &str) -> bool {
     }
 }
 
+/// Component `c`, subcomponent `s` (1-based) of the first repetition of field text `raw`; `""`
+/// when absent. The same answer as splitting off the repetition, then the component, then the
+/// subcomponent, in one pass that stops where the part ends: three scans of the field were
+/// most of the cost of an absolute read. Delimiters are ASCII bytes (the parser refuses
+/// others), which never occur inside a multi-byte character; other separators (a hand-built
+/// `Separators`) take the general path.
+fn first_rep_part<'r>(raw: &'r str, seps: &crate::hl7::Separators, c: usize, s: usize) -> &'r str {
+    let (rep, comp, sub) = (seps.repetition, seps.component, seps.subcomponent);
+    if !(rep.is_ascii() && comp.is_ascii() && sub.is_ascii()) {
+        let first = nth_part(raw, rep, 0).unwrap_or("");
+        return component_of(first, comp, sub, c, s);
+    }
+    let (rep, comp, sub) = (rep as u8, comp as u8, sub as u8);
+    let (mut ci, mut si, mut start) = (1, 1, 0);
+    for (i, &b) in raw.as_bytes().iter().enumerate() {
+        let next = if b == comp {
+            (ci + 1, 1)
+        } else if b == sub {
+            (ci, si + 1)
+        } else if b == rep {
+            break;
+        } else {
+            continue;
+        };
+        if (ci, si) == (c, s) {
+            return raw.get(start..i).unwrap_or("");
+        }
+        (ci, si) = next;
+        if ci > c {
+            return "";
+        }
+        start = i + 1;
+    }
+    let end = raw
+        .as_bytes()
+        .iter()
+        .skip(start)
+        .position(|&b| b == rep || b == comp || b == sub)
+        .map_or(raw.len(), |p| start + p);
+    if (ci, si) == (c, s) {
+        raw.get(start..end).unwrap_or("")
+    } else {
+        ""
+    }
+}
+
 /// Component `c`, subcomponent `s` (1-based) of a raw repetition; `""` when absent.
 fn component_of(rep: &str, comp_sep: char, sub_sep: char, c: usize, s: usize) -> &str {
     let comp = nth_part(rep, comp_sep, c.saturating_sub(1)).unwrap_or("");
@@ -636,6 +705,42 @@ fn component_of(rep: &str, comp_sep: char, sub_sep: char, c: usize, s: usize) ->
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn first_rep_part_agrees_with_splitting() {
+        let seps = crate::hl7::Separators::default();
+        let fields = [
+            "",
+            "a",
+            "a^b",
+            "a^b&c^d",
+            "^&^",
+            "a~b^c",
+            "x&y&z^q~r",
+            "~",
+            "é^ü&ö~ä",
+            "1^2^3^4^5^6^7^8^9^10^11^12^13^14^15^16^17^18^19^20",
+        ];
+        for f in fields {
+            let first = f.split('~').next().unwrap_or("");
+            for c in 1..=22 {
+                for s in 1..=4 {
+                    let want = super::component_of(first, '^', '&', c, s);
+                    assert_eq!(
+                        super::first_rep_part(f, &seps, c, s),
+                        want,
+                        "{f:?} .{c}.{s}"
+                    );
+                }
+            }
+        }
+        // A hand-built, non-ASCII component separator takes the general path.
+        let odd = crate::hl7::Separators {
+            component: '§',
+            ..seps
+        };
+        assert_eq!(super::first_rep_part("a§b&c~d", &odd, 2, 2), "c");
+    }
+
     #[test]
     fn blank_agrees_with_trim() {
         for t in [

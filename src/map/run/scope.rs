@@ -14,7 +14,7 @@
 use std::cell::OnceCell;
 
 use super::Runner;
-use crate::hl7::{parts, segment_code};
+use crate::hl7::{Separators, contains_char, nth_part, parts, segment_code};
 
 /// One instance of a group.
 #[derive(Debug, Clone)]
@@ -53,6 +53,9 @@ struct Comps {
     len: usize,
     /// Whether the repetition has more components than `len`.
     more: bool,
+    /// Whether the repetition holds a subcomponent separator: when not (most), a component is
+    /// its own first subcomponent, without a scan of it per read.
+    subs: bool,
 }
 
 impl<'c> RepFrame<'c> {
@@ -67,15 +70,26 @@ impl<'c> RepFrame<'c> {
         }
     }
 
-    /// Component `c` (1-based) of the repetition, split on `sep`; `None` when absent.
-    pub fn component(&self, sep: char, c: usize) -> Option<&'c str> {
+    /// Subcomponent `s` of component `c` (both 1-based) of the repetition; `None` when absent.
+    pub fn part(&self, seps: &Separators, c: usize, s: usize) -> Option<&'c str> {
+        let comp = self.component(seps, c)?;
+        match self.comps.get().is_some_and(|k| k.subs) {
+            true => nth_part(comp, seps.subcomponent, s.saturating_sub(1)),
+            false => (s <= 1).then_some(comp),
+        }
+    }
+
+    /// Component `c` (1-based) of the repetition; `None` when absent.
+    pub fn component(&self, seps: &Separators, c: usize) -> Option<&'c str> {
         let raw: &'c str = self.raw;
+        let sep = seps.component;
         let width = sep.len_utf8();
         let comps = self.comps.get_or_init(|| {
             let mut out = Comps {
                 ends: [0; KEPT],
                 len: 0,
                 more: false,
+                subs: contains_char(raw, seps.subcomponent),
             };
             let mut end = 0;
             for part in parts(raw, sep) {
@@ -106,7 +120,7 @@ impl<'c> RepFrame<'c> {
         if !comps.more {
             return None;
         }
-        crate::hl7::nth_part(raw.get(start(comps.len)..)?, sep, i - comps.len)
+        nth_part(raw.get(start(comps.len)..)?, sep, i - comps.len)
     }
 }
 
@@ -277,23 +291,45 @@ mod tests {
     #[test]
     fn components_agree_with_splitting() {
         use super::RepFrame;
+        let seps = crate::hl7::Separators::default();
         let long: String = (1..=30)
             .map(|n| n.to_string())
             .collect::<Vec<_>>()
             .join("^");
-        for raw in ["", "a", "a^b", "^^", "é^ü^", long.as_str()] {
-            let f = RepFrame::new(raw, 0, 0, 0, None);
+        let raws = [
+            "",
+            "a",
+            "a^b",
+            "^^",
+            "é^ü^",
+            "a&b^c",
+            "^x&&y^",
+            long.as_str(),
+        ];
+        for raw in raws {
             let want: Vec<&str> = raw.split('^').collect();
             for c in 0..=want.len() + 2 {
                 let expected = c.checked_sub(1).and_then(|i| want.get(i).copied());
-                assert_eq!(f.component('^', c), expected, "{raw:?} component {c}");
+                let f = RepFrame::new(raw, 0, 0, 0, None);
+                assert_eq!(f.component(&seps, c), expected, "{raw:?} component {c}");
+                for s in 1..=3 {
+                    let sub = expected.and_then(|comp| comp.split('&').nth(s - 1));
+                    // A fresh frame, so `part` is also the read that finds the components.
+                    let fresh = RepFrame::new(raw, 0, 0, 0, None);
+                    assert_eq!(fresh.part(&seps, c, s), sub, "{raw:?} .{c}.{s}");
+                    assert_eq!(f.part(&seps, c, s), sub, "{raw:?} .{c}.{s}, second read");
+                }
             }
         }
         // A multi-byte separator.
+        let odd = crate::hl7::Separators {
+            component: '§',
+            ..seps
+        };
         let f = RepFrame::new("a§bb§", 0, 0, 0, None);
-        assert_eq!(f.component('§', 2), Some("bb"));
-        assert_eq!(f.component('§', 3), Some(""));
-        assert_eq!(f.component('§', 4), None);
+        assert_eq!(f.component(&odd, 2), Some("bb"));
+        assert_eq!(f.component(&odd, 3), Some(""));
+        assert_eq!(f.component(&odd, 4), None);
     }
 
     #[test]
