@@ -192,9 +192,6 @@ pub struct Message {
     pub(crate) segments: Vec<Segment>,
     pub(crate) header: Header,
     pub(crate) encoding: &'static Encoding,
-    /// Whether the escape character occurs anywhere after MSH-2 (in any segment, see
-    /// [`Segment::has_escapes`]).
-    pub(crate) escaped: bool,
 }
 
 /// A parsed HL7 path: `SEG[occurrence]-field[repetition].component.subcomponent`.
@@ -279,7 +276,7 @@ impl Message {
     /// Whether any value may hold an escape sequence (see [`decode_escapes`]); when not, the
     /// raw text of every value is its decoded text.
     pub fn has_escapes(&self) -> bool {
-        self.escaped
+        self.segments.iter().any(Segment::has_escapes)
     }
 
     /// The message's delimiters.

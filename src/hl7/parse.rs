@@ -176,13 +176,11 @@ pub fn parse(text: &str) -> Result<Message, ParseError> {
                 .is_some_and(|t| contains_char(t, esc));
         }
     }
-    let escaped = segments.iter().any(|s| s.escaped);
     Ok(Message {
         seps,
         segments,
         header,
         encoding,
-        escaped,
     })
 }
 
