@@ -664,13 +664,14 @@ fn first_rep_part<'r>(raw: &'r str, seps: &crate::hl7::Separators, c: usize, s: 
         return component_of(first, comp, sub, c, s);
     }
     let (rep, comp, sub) = (rep as u8, comp as u8, sub as u8);
-    let (mut ci, mut si, mut start) = (1, 1, 0);
+    let (mut ci, mut si, mut start, mut end) = (1, 1, 0, raw.len());
     for (i, &b) in raw.as_bytes().iter().enumerate() {
         let next = if b == comp {
             (ci + 1, 1)
         } else if b == sub {
             (ci, si + 1)
         } else if b == rep {
+            end = i;
             break;
         } else {
             continue;
@@ -684,12 +685,7 @@ fn first_rep_part<'r>(raw: &'r str, seps: &crate::hl7::Separators, c: usize, s: 
         }
         start = i + 1;
     }
-    let end = raw
-        .as_bytes()
-        .iter()
-        .skip(start)
-        .position(|&b| b == rep || b == comp || b == sub)
-        .map_or(raw.len(), |p| start + p);
+    // The last part: from the last delimiter to the end of the repetition.
     if (ci, si) == (c, s) {
         raw.get(start..end).unwrap_or("")
     } else {

@@ -73,9 +73,10 @@ impl<'c> RepFrame<'c> {
     /// Subcomponent `s` of component `c` (both 1-based) of the repetition; `None` when absent.
     pub fn part(&self, seps: &Separators, c: usize, s: usize) -> Option<&'c str> {
         let comp = self.component(seps, c)?;
-        match self.comps.get().is_some_and(|k| k.subs) {
-            true => nth_part(comp, seps.subcomponent, s.saturating_sub(1)),
-            false => (s <= 1).then_some(comp),
+        if self.comps.get().is_some_and(|k| k.subs) {
+            nth_part(comp, seps.subcomponent, s.saturating_sub(1))
+        } else {
+            (s <= 1).then_some(comp)
         }
     }
 
