@@ -6,7 +6,7 @@ use crate::fhir::nhs;
 use crate::fhir::tree::{Json, Obj};
 use std::borrow::Cow;
 
-use crate::hl7::{decode_escapes_cow, nth_part, parts};
+use crate::hl7::{component_of, decode_escapes_cow, nth_part, parts};
 use crate::map::path::{Hl7Path, RepSelect};
 use crate::map::plan::*;
 
@@ -529,13 +529,8 @@ impl<'a, 'm> Runner<'a, 'm> {
                 if segment == "MSH" && *field <= 2 {
                     return Some(Cow::Borrowed(first));
                 }
-                let raw = component_of(
-                    first,
-                    seps.component,
-                    seps.subcomponent,
-                    component.unwrap_or(1),
-                    sub.unwrap_or(1),
-                );
+                let raw = component_of(&seps, first, component.unwrap_or(1), sub.unwrap_or(1))
+                    .unwrap_or("");
                 (seg, raw)
             }
             Hl7Path::Absolute { field: None, .. } => return None,
@@ -635,7 +630,7 @@ fn passes(
     encoding: &'static encoding_rs::Encoding,
 ) -> bool {
     let seps = msg.separators();
-    let c = component_of(r, seps.component, seps.subcomponent, component, sub);
+    let c = component_of(seps, r, component, sub).unwrap_or("");
     let c = decode_in(msg, seg, c, encoding);
     values.iter().any(|v| *v == c) != negate
 }
@@ -661,7 +656,7 @@ fn first_rep_part<'r>(raw: &'r str, seps: &crate::hl7::Separators, c: usize, s: 
     let (rep, comp, sub) = (seps.repetition, seps.component, seps.subcomponent);
     if !(rep.is_ascii() && comp.is_ascii() && sub.is_ascii()) {
         let first = nth_part(raw, rep, 0).unwrap_or("");
-        return component_of(first, comp, sub, c, s);
+        return component_of(seps, first, c, s).unwrap_or("");
     }
     let (rep, comp, sub) = (rep as u8, comp as u8, sub as u8);
     let (mut ci, mut si, mut start, mut end) = (1, 1, 0, raw.len());
@@ -693,12 +688,6 @@ fn first_rep_part<'r>(raw: &'r str, seps: &crate::hl7::Separators, c: usize, s: 
     }
 }
 
-/// Component `c`, subcomponent `s` (1-based) of a raw repetition; `""` when absent.
-fn component_of(rep: &str, comp_sep: char, sub_sep: char, c: usize, s: usize) -> &str {
-    let comp = nth_part(rep, comp_sep, c.saturating_sub(1)).unwrap_or("");
-    nth_part(comp, sub_sep, s.saturating_sub(1)).unwrap_or("")
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -720,7 +709,7 @@ mod tests {
             let first = f.split('~').next().unwrap_or("");
             for c in 1..=22 {
                 for s in 1..=4 {
-                    let want = super::component_of(first, '^', '&', c, s);
+                    let want = crate::hl7::component_of(&seps, first, c, s).unwrap_or("");
                     assert_eq!(
                         super::first_rep_part(f, &seps, c, s),
                         want,
