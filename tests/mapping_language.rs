@@ -528,3 +528,56 @@ fn the_function_library_transforms_values_as_documented() {
         assert_eq!(got, Some(Value::from(*want)), "{rule}");
     }
 }
+
+#[test]
+fn shipped_mappings_note_no_value_map_miss_that_a_later_rule_covers() {
+    // A code system name that is not in `coding-system` (LOCAL, HL70063, a lab's own) still gets
+    // a system: from the `HL7nnnn` rule or the feed's local system. A note that the element was
+    // left out would be false, and 80 of them across the golden inputs hid the notes that matter.
+    // The same holds for `practitioner-id-system`, whose miss keeps the site's system.
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut inputs = Vec::new();
+    let mut stack = vec![repo("mappings/tests")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "hl7") {
+                inputs.push(p);
+            }
+        }
+    }
+    assert!(inputs.len() > 20, "only {} golden inputs", inputs.len());
+    let maps = repo("mappings");
+    let mut false_notes = Vec::new();
+    for input in &inputs {
+        let mut args = vec!["map", s(input), "--mappings", s(&maps)];
+        // A case folder with its own mapping (datatypes) loads it on top, as test-mappings does.
+        let folder = input.parent().expect("folder");
+        let own = std::fs::read_dir(folder)
+            .expect("read_dir")
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "yaml"));
+        if own {
+            args.extend(["--site-mappings", s(folder)]);
+        }
+        let out = hl7_edge(&args, dir.path());
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "{}: {}",
+            input.display(),
+            text(&out.stderr)
+        );
+        for line in text(&out.stderr).lines() {
+            if line.starts_with("note:")
+                && ["`coding-system`", "`practitioner-id-system`"]
+                    .iter()
+                    .any(|m| line.contains(m))
+            {
+                false_notes.push(format!("{}: {line}", input.display()));
+            }
+        }
+    }
+    assert!(false_notes.is_empty(), "{}", false_notes.join("\n"));
+}
