@@ -268,10 +268,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hl7-edge: {e:#}");
+            eprintln!("hl7-edge: {}", error_text(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// `e` and its causes, `outer: inner`, each said once. Many of the crate's errors already show
+/// their cause in their own text (`parse: MSH-9 is missing`, which is also a quarantine
+/// record's reason); printing the chain after it repeated every such message.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Mapping folders given on the command line: (base, site).

@@ -224,3 +224,36 @@ fn verify_rejects_an_unsigned_bundle() {
     assert_eq!(v.status.code(), Some(1));
     assert!(text(&v.stdout).contains("INVALID"), "{}", text(&v.stdout));
 }
+
+#[test]
+fn map_errors_say_each_cause_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cases = [
+        // The parser's refusal, then no mapping for the type: each error text once.
+        (
+            "MSH|^~\\&|PAS|RRV|HL7EDGE|LHIE|20260715101500||||P|2.4\r",
+            "MSH-9 (message type) is missing",
+        ),
+        (
+            "MSH|^~\\&|PAS|RRV|HL7EDGE|LHIE|20260715101500||ZZZ^Z99^ZZZ_Z99|C1|P|2.4\rEVN|Z99\r",
+            "no mapping handles ZZZ^Z99^ZZZ_Z99",
+        ),
+    ];
+    for (message, reason) in cases {
+        let f = dir.path().join("m.hl7");
+        std::fs::write(&f, message).expect("write");
+        let out = hl7_edge(&["map", f.to_str().expect("utf-8 path")], dir.path());
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.matches(reason).count(), 1, "{err}");
+    }
+    // A cause that is not part of its error's text is still shown after it.
+    let missing = dir.path().join("absent.hl7");
+    let out = hl7_edge(&["map", missing.to_str().expect("utf-8 path")], dir.path());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("absent.hl7") && err.contains("No such file"),
+        "{err}"
+    );
+}
