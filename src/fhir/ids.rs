@@ -134,9 +134,11 @@ const URN_PREFIX: &str = "urn:uuid:";
 /// The lower-case hyphenated form of `u` (a resource's `id`), as `u.to_string()` writes it but
 /// without the formatting machinery: a message writes ~20 of these and as many `urn`s.
 pub fn text(u: &Uuid) -> String {
-    u.hyphenated()
-        .encode_lower(&mut uuid::Uuid::encode_buffer())
-        .to_string()
+    // `to_string()` on the `&mut str` that `encode_lower` returns goes through `Display`.
+    String::from(
+        &*u.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    )
 }
 
 #[cfg(test)]
