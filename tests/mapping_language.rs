@@ -581,3 +581,57 @@ fn shipped_mappings_note_no_value_map_miss_that_a_later_rule_covers() {
     }
     assert!(false_notes.is_empty(), "{}", false_notes.join("\n"));
 }
+
+#[test]
+fn check_explains_yaml_mistakes_in_authors_words() {
+    // One mistake per file, so that `check` reports each (a file that does not parse stops at
+    // its first error). Each is named at its position, without the parser's own prefix or its
+    // internal names, and a misspelt key gets the closest valid one.
+    let dir = tempfile::tempdir().expect("tmp");
+    let maps = dir.path().join("maps");
+    std::fs::create_dir_all(&maps).expect("mkdir");
+    let files = [
+        (
+            "a_list.yaml",
+            "messages:\n  m:\n    match: { code: ADT }\n    resources: []\n",
+            "a_list.yaml:3:12: expected a list here",
+        ),
+        (
+            "b_key.yaml",
+            "messages:\n  m:\n    match: [\"ADT^A01\"]\n    resorces: []\n",
+            "b_key.yaml:4:5: unknown field `resorces`, expected one of description, match, versions, focus, sender, constants, vars, groups, resources; did you mean `resources`?",
+        ),
+        (
+            "c_twice.yaml",
+            "messages:\n  m:\n    match: [\"ADT^A01\"]\n    match: [\"ADT^A02\"]\n",
+            "c_twice.yaml:4:5: `match` is given twice in this map",
+        ),
+        (
+            "d_tab.yaml",
+            "messages:\n\tm: {}\n",
+            "d_tab.yaml:2:2: a tab in the indentation: YAML indents with spaces only",
+        ),
+        (
+            "e_map.yaml",
+            "messages: 5\n",
+            "e_map.yaml:1:11: expected a map here",
+        ),
+    ];
+    for (name, text, _) in &files {
+        std::fs::write(maps.join(name), text).expect("write");
+    }
+    let out = hl7_edge(&["check", "--mappings", s(&maps)], dir.path());
+    let err = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    for (_, _, want) in &files {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+    for internal in [
+        "error: line",
+        "sequence start",
+        "mapping start",
+        "DuplicateKeyPolicy",
+    ] {
+        assert!(!err.contains(internal), "`{internal}` in:\n{err}");
+    }
+}

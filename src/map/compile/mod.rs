@@ -65,15 +65,53 @@ pub fn parse_file(file: &str, text: &str) -> Result<Parsed, LoadError> {
                 file: file.to_string(),
                 line,
                 column,
-                message: first_line(&e.to_string()),
+                message: yaml_message(&e.to_string()),
             })
         }
     }
 }
 
-fn first_line(s: &str) -> String {
+/// The YAML parser's message in an author's words. The parser's text starts with its own
+/// `error: line L column C:`, which the error's `file:line:column` already says; some of its
+/// messages name parser internals (`expected sequence start`, `DuplicateKeyPolicy`); and a
+/// misspelt key is answered, like every other name, with the closest valid one.
+fn yaml_message(raw: &str) -> String {
     // serde-saphyr renders a snippet under the message; the message itself is what we need.
-    s.lines().next().unwrap_or(s).trim().to_string()
+    let mut m = raw.lines().next().unwrap_or(raw).trim();
+    m = m.strip_prefix("error: ").unwrap_or(m);
+    if let Some(rest) = m.strip_prefix("line ")
+        && let Some((position, message)) = rest.split_once(": ")
+        && position.contains(" column ")
+    {
+        m = message;
+    }
+    match m {
+        "expected sequence start" => {
+            return "expected a list here: `[a, b]`, or one `- item` per line".into();
+        }
+        "expected mapping start" => {
+            return "expected a map here: `key: value` lines, or `{ key: value }`".into();
+        }
+        "invalid boolean" => return "expected `true` or `false`".into(),
+        _ => {}
+    }
+    if m.starts_with("tabs disallowed") {
+        return "a tab in the indentation: YAML indents with spaces only".into();
+    }
+    if let Some(rest) = m.strip_prefix("duplicate mapping key: ") {
+        let key = rest
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(rest);
+        return format!("`{key}` is given twice in this map");
+    }
+    if let Some(rest) = m.strip_prefix("unknown field `")
+        && let Some((field, expected)) = rest.split_once("`, expected one of ")
+    {
+        let candidates: Vec<&str> = expected.split(", ").map(|c| c.trim_matches('`')).collect();
+        return format!("{m}{}", suggest(field, &candidates));
+    }
+    m.to_string()
 }
 
 /// Collected errors.
