@@ -235,3 +235,78 @@ fn no_message_makes_the_mapping_engine_panic() {
         "only {mapped} of {rounds} mutated messages were mapped"
     );
 }
+
+/// Every `.hl7` file below `dir` (none if it does not exist).
+fn hl7_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "hl7" || x == "txt") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn explain_tracing_changes_nothing_but_the_explanation() {
+    // Without `--explain` the engine takes shortcuts (an element whose source components are
+    // all empty is not built at all); with it, every rule runs. Both must give the same Bundle,
+    // the same notes and the same refusals, for real messages and for mutated ones.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tests = root.join("mappings/tests");
+    let set = MappingSet::load_sources(
+        &Sources {
+            base: Some(&root.join("mappings")),
+            site: None,
+            extra: vec![&tests],
+        },
+        None,
+    )
+    .unwrap_or_else(|e| panic!("mappings load: {e:?}"));
+    let processor = Processor::new(Arc::new(set), SiteConfig::default(), Default::default())
+        .expect("processor");
+    let feeds = adapter::load(None, &SiteConfig::default()).expect("embedded feed");
+    let feed = &feeds[0];
+    let received = jiff::Timestamp::from_second(1_780_000_000).expect("time");
+
+    let mut inputs: Vec<Vec<u8>> = seeds();
+    inputs.extend(std::fs::read(root.join("benches/adt_a01_large.hl7")));
+    // The third-party corpus beside the clone, where present (it is in CI).
+    for f in hl7_files(&root.join("../shared/corpus")) {
+        inputs.extend(std::fs::read(f));
+    }
+    let mut rng = Rng(0x0e7a_1a1e_5eed_0002);
+    let real = inputs.len();
+    for i in 0..300 {
+        let m = mutate(&mut rng, &inputs[i % real]);
+        inputs.push(m);
+    }
+    let mut bundles = 0;
+    for (i, msg) in inputs.iter().enumerate() {
+        let plain = processor.build(msg, feed, received, Explain::Off);
+        let traced = processor.build(msg, feed, received, Explain::On);
+        match (plain, traced) {
+            (Ok(a), Ok(b)) => {
+                assert!(a.bundle == b.bundle, "input {i}: the Bundles differ");
+                assert_eq!(a.warnings, b.warnings, "input {i}: the notes differ");
+                bundles += 1;
+            }
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "input {i}"),
+            (a, b) => panic!(
+                "input {i}: without --explain {:?}, with it {:?}",
+                a.map(|_| "a Bundle"),
+                b.map(|_| "a Bundle")
+            ),
+        }
+    }
+    assert!(bundles >= 40, "only {bundles} inputs were mapped");
+}

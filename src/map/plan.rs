@@ -131,6 +131,75 @@ pub fn width(rules: &[RulePlan]) -> usize {
     names.len()
 }
 
+/// The components of the repetition being iterated that `rules` can take message values from,
+/// as bits (component `c` is bit `c - 1`), when those are the only message values they can
+/// take. An element built by such rules over a repetition whose listed components are all
+/// empty receives no message value, so it is left out (unless `always`), and its rules need
+/// not run: a CWE's second and third codings (CWE.4-6, CWE.10-12) are empty in nearly every
+/// message, and were a sixth of a message's rule runs.
+///
+/// `None` when skipping could change anything but the dropped element: the rules read an
+/// absolute path, a variable or another repetition (`for:`), make a reference, or give a value
+/// without the message (`value:`, `default:`) that a lookup or a conversion could make a
+/// note about, or that names a site variable (noted when it is not configured). Conditions
+/// have no effect but their answer, and are free to read anything.
+pub fn rep_components(rules: &[RulePlan]) -> Option<u64> {
+    let mut mask = 0u64;
+    for r in rules {
+        if r.for_each.is_some() {
+            return None;
+        }
+        match &r.source {
+            Source::Ref { .. } => return None,
+            Source::Object { needs, .. } => mask |= (*needs)?,
+            Source::Scalar(spec) => {
+                let reads = match &spec.source {
+                    Scalar::Path(p) => component_bit(p)?,
+                    Scalar::Var(_) => return None,
+                    Scalar::Join(ops, _) => ops.iter().try_fold(0, |m, o| match o {
+                        Operand::Path(p) => Some(m | component_bit(p)?),
+                        Operand::Var(_) => None,
+                    })?,
+                    Scalar::Value(t) => template_bits(t)?,
+                };
+                let without_message =
+                    matches!(spec.source, Scalar::Value(_)) || spec.default.is_some();
+                if without_message
+                    && (spec.lookup.is_some()
+                        || !matches!(r.convert, Convert::String | Convert::None))
+                {
+                    return None;
+                }
+                if let Some(d) = &spec.default {
+                    template_bits(d)?;
+                }
+                mask |= reads;
+            }
+        }
+    }
+    Some(mask)
+}
+
+/// The bit of a relative path's component; `None` for any other path.
+fn component_bit(p: &Hl7Path) -> Option<u64> {
+    match p {
+        Hl7Path::Relative { component, .. } if (1..=64).contains(component) => {
+            Some(1 << (component - 1))
+        }
+        _ => None,
+    }
+}
+
+/// The components a template reads; `None` if it reads anything else or names a site variable.
+fn template_bits(t: &Template) -> Option<u64> {
+    t.0.iter().try_fold(0, |m, part| match part {
+        TplPart::Lit(_) => Some(m),
+        TplPart::Var(Var::Site(_)) | TplPart::User(_) => None,
+        TplPart::Var(_) => Some(m),
+        TplPart::Path(p) => Some(m | component_bit(p)?),
+    })
+}
+
 /// A variable: a named value computed once per message or resource instance.
 #[derive(Debug)]
 pub struct VarPlan {
@@ -203,6 +272,8 @@ pub enum Source {
     Object {
         rules: Arc<Vec<RulePlan>>,
         width: usize,
+        /// [`rep_components`] of `rules`.
+        needs: Option<u64>,
     },
 }
 
@@ -505,5 +576,62 @@ mod tests {
         let t: Table = [(long.clone(), "v".to_string())].into_iter().collect();
         assert_eq!(t.get_upper(&long.to_lowercase()), Some("v"));
         assert_eq!(t.get_upper(&long[..32].to_lowercase()), None);
+    }
+}
+
+#[cfg(test)]
+mod needs_tests {
+    use super::*;
+
+    /// `(origin, needs)` of every object rule below `rules`.
+    fn objects(rules: &[RulePlan], out: &mut Vec<(String, Option<u64>)>) {
+        for r in rules {
+            if let Source::Object { rules, needs, .. } = &r.source {
+                out.push((r.origin.to_string(), *needs));
+                objects(rules, out);
+            }
+        }
+    }
+
+    #[test]
+    fn elements_that_read_only_their_repetition_list_its_components() {
+        let set = crate::map::MappingSet::embedded().expect("shipped mappings");
+        let mut all = Vec::new();
+        for m in &set.plan.messages {
+            for r in &m.resources {
+                objects(&r.rules, &mut all);
+                if let Some(b) = &r.body {
+                    objects(b, &mut all);
+                }
+            }
+        }
+        let needs_of = |at: &str| {
+            let found: Vec<Option<u64>> = all
+                .iter()
+                .filter(|(o, _)| o.contains(at))
+                .map(|(_, n)| *n)
+                .collect();
+            assert!(!found.is_empty(), "no object rule at {at}");
+            found
+        };
+        let bits = |cs: &[u32]| cs.iter().fold(0u64, |m, c| m | 1 << (c - 1));
+        // CWE's second coding reads CWE.4, .5, .6 and .8 (its system rules read .6; their
+        // conditions do not count); the third CWE.10-12.
+        assert!(
+            needs_of("datatypes/codes.yaml:12:")
+                .iter()
+                .all(|n| *n == Some(bits(&[4, 5, 6, 8])))
+        );
+        assert!(
+            needs_of("datatypes/codes.yaml:20:")
+                .iter()
+                .all(|n| *n == Some(bits(&[10, 11, 12])))
+        );
+        // An encounter location makes a reference: it always runs.
+        assert!(
+            needs_of("messages/adt.yaml:328:")
+                .iter()
+                .all(Option::is_none)
+        );
     }
 }

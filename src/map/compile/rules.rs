@@ -812,6 +812,7 @@ impl<'a> Compiler<'a> {
             (
                 Source::Object {
                     width: crate::map::plan::width(&rules),
+                    needs: crate::map::plan::rep_components(&rules),
                     rules: Arc::new(rules),
                 },
                 Convert::None,
@@ -848,6 +849,7 @@ impl<'a> Compiler<'a> {
             (
                 Source::Object {
                     width: crate::map::plan::width(&rules),
+                    needs: crate::map::plan::rep_components(&rules),
                     rules,
                 },
                 Convert::None,

@@ -82,7 +82,18 @@ impl<'a, 'm> Runner<'a, 'm> {
             Source::Object {
                 rules: children,
                 width,
+                needs,
             } => {
+                // Rules that could only take message values from empty components would build
+                // an element to drop (see `rep_components`). With `--explain` they run anyway:
+                // what their conditions read is part of the answer.
+                if let Some(mask) = needs
+                    && !rule.always
+                    && !tracing
+                    && !self.any_component(cur, *mask)
+                {
+                    return Ok(false);
+                }
                 let mark = self.trace.as_ref().map(|t| t.elements.len());
                 let mut child = Obj::with_capacity(*width);
                 let from_message = self.rules(children, cur, &mut child)?;
@@ -131,6 +142,24 @@ impl<'a, 'm> Runner<'a, 'm> {
             t.elements.push((p, rule.origin.clone()));
         }
         Ok(from_message)
+    }
+
+    /// Whether any component in `mask` (bit `c - 1` for component `c`) of the repetition being
+    /// iterated holds anything.
+    fn any_component(&self, cur: &Cursor<'_>, mask: u64) -> bool {
+        let Some(frame) = cur.rep else {
+            return false;
+        };
+        let seps = self.msg.separators();
+        let mut rest = mask;
+        while rest != 0 {
+            let c = rest.trailing_zeros() as usize + 1;
+            if frame.component(seps, c).is_some_and(|t| !t.is_empty()) {
+                return true;
+            }
+            rest &= rest - 1;
+        }
+        false
     }
 
     /// A value's text (variables), without conversion or shaping beyond a code lookup.
