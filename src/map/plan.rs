@@ -481,10 +481,16 @@ fn prefix(bytes: impl Iterator<Item = u8>) -> u64 {
 
 impl Table {
     pub fn get(&self, key: &str) -> Option<&str> {
-        let p = prefix(key.bytes());
+        self.find(key.as_bytes())
+    }
+
+    /// The search itself, by bytes (the order of `str`s is that of their bytes), so that an
+    /// upper-cased key need not be checked as UTF-8 again.
+    fn find(&self, key: &[u8]) -> Option<&str> {
+        let p = prefix(key.iter().copied());
         let i = self
             .0
-            .binary_search_by(|(kp, k, _)| kp.cmp(&p).then_with(|| k.as_str().cmp(key)))
+            .binary_search_by(|(kp, k, _)| kp.cmp(&p).then_with(|| k.as_bytes().cmp(key)))
             .ok()?;
         self.0.get(i).map(|(_, _, v)| v.as_str())
     }
@@ -499,8 +505,7 @@ impl Table {
             Some(b) => {
                 b.copy_from_slice(key.as_bytes());
                 b.make_ascii_uppercase();
-                // ASCII upper-casing keeps UTF-8 valid.
-                self.get(std::str::from_utf8(b).ok()?)
+                self.find(b)
             }
             None => self.get(&key.to_ascii_uppercase()),
         }
