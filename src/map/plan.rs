@@ -142,7 +142,9 @@ pub fn width(rules: &[RulePlan]) -> usize {
 /// absolute path, a variable or another repetition (`for:`), make a reference, or give a value
 /// without the message (`value:`, `default:`) that a lookup or a conversion could make a
 /// note about, or that names a site variable (noted when it is not configured). Conditions
-/// have no effect but their answer, and are free to read anything.
+/// have no effect but their answer (`--explain`, which records what they read, runs every
+/// rule), so they are free to read anything. A conflict between two constant targets of such
+/// an element, a mapping defect, is then reported only for messages that fill the element.
 pub fn rep_components(rules: &[RulePlan]) -> Option<u64> {
     let mut mask = 0u64;
     for r in rules {
@@ -532,7 +534,7 @@ impl FromIterator<(String, String)> for Table {
 
 #[cfg(test)]
 mod tests {
-    use super::Table;
+    use super::*;
 
     #[test]
     fn tables_find_every_key_and_only_those() {
@@ -582,11 +584,6 @@ mod tests {
         assert_eq!(t.get_upper(&long.to_lowercase()), Some("v"));
         assert_eq!(t.get_upper(&long[..32].to_lowercase()), None);
     }
-}
-
-#[cfg(test)]
-mod needs_tests {
-    use super::*;
 
     /// `(origin, needs)` of every object rule below `rules`.
     fn objects(rules: &[RulePlan], out: &mut Vec<(String, Option<u64>)>) {
