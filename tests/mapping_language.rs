@@ -616,6 +616,11 @@ fn check_explains_yaml_mistakes_in_authors_words() {
             "messages: 5\n",
             "e_map.yaml:1:11: expected a map here",
         ),
+        (
+            "f_flow.yaml",
+            "messages:\n  m:\n    match: [\"ADT^A01\"]\n    resources:\n      - name: p\n        type: Patient\n        rules:\n          - { set: name[0].family, from: PID-5.1 }\n",
+            "f_flow.yaml:8:24: while parsing a flow mapping, did not find expected ',' or '}': inside `{ ... }` or `[ ... ]`, quote a value holding `[`, `]`, `{`, `}` or `,` (`set: \"name[0].family\"`)",
+        ),
     ];
     for (name, text, _) in &files {
         std::fs::write(maps.join(name), text).expect("write");

@@ -95,6 +95,12 @@ fn yaml_message(raw: &str) -> String {
         "invalid boolean" => return "expected `true` or `false`".into(),
         _ => {}
     }
+    if m.contains("parsing a flow mapping") || m.contains("parsing a flow sequence") {
+        // Nearly always an unquoted FHIR path with an index inside `{ ... }`.
+        return format!(
+            "{m}: inside `{{ ... }}` or `[ ... ]`, quote a value holding `[`, `]`, `{{`, `}}` or `,` (`set: \"name[0].family\"`)"
+        );
+    }
     if m.starts_with("tabs disallowed") {
         return "a tab in the indentation: YAML indents with spaces only".into();
     }

@@ -1,15 +1,24 @@
 //! "did you mean" suggestions for misspelt names.
 
-/// ", did you mean `x`?" for the closest candidate within a small edit distance.
+/// "; did you mean `x`?" for the closest candidate within a small edit distance, or else for
+/// one the word abbreviates (`bool` for `boolean`, `CX-Id` for `CX-Identifier`).
 pub fn suggest<S: AsRef<str>>(word: &str, candidates: &[S]) -> String {
     let w = word.to_ascii_lowercase();
     candidates
         .iter()
-        .map(|c| {
+        .filter_map(|c| {
             let c = c.as_ref();
-            (levenshtein(&w, &c.to_ascii_lowercase()), c)
+            let lower = c.to_ascii_lowercase();
+            let d = levenshtein(&w, &lower);
+            if d <= 2.max(c.len() / 4) {
+                Some((d, c))
+            } else if w.len() >= 3 && lower.starts_with(&w) {
+                // After every near spelling; the shortest completion first.
+                Some((usize::MAX / 2 + (lower.len() - w.len()), c))
+            } else {
+                None
+            }
         })
-        .filter(|(d, c)| *d <= 2.max(c.len() / 4))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| format!("; did you mean `{c}`?"))
         .unwrap_or_default()
@@ -38,5 +47,14 @@ mod tests {
             "; did you mean `name`?"
         );
         assert_eq!(super::suggest("zzzzzz", &["name"]), "");
+        // An abbreviation, when nothing is spelt close to it.
+        assert_eq!(
+            super::suggest("bool", &["boolean", "integer", "date"]),
+            "; did you mean `boolean`?"
+        );
+        assert_eq!(
+            super::suggest("date", &["dateTime", "date"]),
+            "; did you mean `date`?"
+        );
     }
 }
