@@ -645,3 +645,70 @@ fn check_explains_yaml_mistakes_in_authors_words() {
         assert!(!err.contains(internal), "`{internal}` in:\n{err}");
     }
 }
+
+#[test]
+fn first_takes_the_first_source_that_has_a_value() {
+    let (dir, maps) = mappings_with(
+        r#"messages:
+  firsts:
+    match: ["ADT^*"]
+    vars:
+      seen: { first: [EVN-6, EVN-2] }
+    resources:
+      - name: p
+        type: Patient
+        rules:
+          - { set: "identifier[0].value", first: [PID-2, PID-4, PID-3.1], fn: [lower] }
+          - { set: "identifier[0].system", value: "urn:first" }
+          - { set: "name[0].family", first: [PID-5.3, $seen, PID-5.1] }
+          - { set: birthDate, first: [PID-7] }
+"#,
+    );
+    let msg = |pid2: &str, evn6: &str| {
+        format!(
+            "MSH|^~\\&|A|B|C|D|20260101000000||ADT^A28|1|P|2.4\rEVN|A28|20260101000000||||{evn6}\rPID|1|{pid2}|PID3||SMITH^JOHN||19800101|F\r"
+        )
+    };
+    // PID-2 absent, then `""` (HL7's null counts as absent): the next path. Nothing in any: the
+    // element is left out.
+    for (pid2, evn6, id, family) in [
+        ("", "20251231", Some("pid3"), "20251231"),
+        ("\"\"", "", Some("pid3"), "20260101000000"),
+        ("ABC", "", Some("abc"), "20260101000000"),
+    ] {
+        let b = map_bundle(dir.path(), &maps, &msg(pid2, evn6));
+        let p = resource(&b, "Patient");
+        assert_eq!(
+            p["identifier"][0]["value"].as_str(),
+            id,
+            "PID-2 {pid2:?}: {p}"
+        );
+        assert_eq!(p["name"][0]["family"], family, "EVN-6 {evn6:?}: {p}");
+        assert_eq!(p["birthDate"], "1980-01-01", "{p}");
+    }
+
+    // `first` is one source among `from`, `join`, `value`...; it needs at least one path.
+    let (dir, maps) = mappings_with(
+        r#"messages:
+  bad:
+    match: ["ADT^*"]
+    resources:
+      - name: p
+        type: Patient
+        rules:
+          - { set: gender, first: [PID-8], from: PID-8 }
+          - { set: birthDate, first: [] }
+          - { set: "name[0].family", first: [PID-5.1, PID-55] }
+"#,
+    );
+    let out = hl7_edge(&["check", "--mappings", s(&maps)], dir.path());
+    let err = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    for want in [
+        "m.yaml:8:20: `set: gender` needs exactly one source: `from`, `first`, `join`, `value`, `ref`, `object` or `map` (found 2)",
+        "m.yaml:9:20: `first:` needs at least one HL7 path or `$var`",
+        "unknown segment field `PID-55`",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+}

@@ -144,6 +144,9 @@ pub struct Rule {
     /// Source: an HL7 path (`PID-8`, `PID-3[*]`, `.1` inside a datatype map or `for`), or `$var`.
     #[serde(default)]
     pub from: Option<Spanned<String>>,
+    /// Source: the first of several HL7 paths or `$vars` that has a value (`[EVN-6, EVN-2]`).
+    #[serde(default)]
+    pub first: Option<Vec<Spanned<String>>>,
     /// Source: several HL7 paths or `$vars`, joined by `sep` (absent ones skipped).
     #[serde(default)]
     pub join: Option<Vec<Spanned<String>>>,
@@ -193,6 +196,8 @@ pub struct Rule {
 pub struct VarDef {
     #[serde(default)]
     pub from: Option<Spanned<String>>,
+    #[serde(default)]
+    pub first: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     pub join: Option<Vec<Spanned<String>>>,
     #[serde(default)]

@@ -158,10 +158,12 @@ pub fn rep_components(rules: &[RulePlan]) -> Option<u64> {
                 let reads = match &spec.source {
                     Scalar::Path(p) => component_bit(p)?,
                     Scalar::Var(_) => return None,
-                    Scalar::Join(ops, _) => ops.iter().try_fold(0, |m, o| match o {
-                        Operand::Path(p) => Some(m | component_bit(p)?),
-                        Operand::Var(_) => None,
-                    })?,
+                    Scalar::First(ops) | Scalar::Join(ops, _) => {
+                        ops.iter().try_fold(0, |m, o| match o {
+                            Operand::Path(p) => Some(m | component_bit(p)?),
+                            Operand::Var(_) => None,
+                        })?
+                    }
                     Scalar::Value(t) => template_bits(t)?,
                 };
                 let without_message =
@@ -224,6 +226,8 @@ pub struct ValueSpec {
 pub enum Scalar {
     Path(Hl7Path),
     Var(usize),
+    /// The first operand that has a value.
+    First(Vec<Operand>),
     Join(Vec<Operand>, String),
     Value(Template),
 }

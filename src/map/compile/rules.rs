@@ -44,6 +44,15 @@ struct MsgCtx {
 /// A compiled datatype map: its file and rules; `None` when it has errors.
 type CompiledDatatype = Option<(&'static str, Arc<Vec<RulePlan>>)>;
 
+/// A rule's or a variable's value source, as written (exactly one is given).
+struct ScalarSource<'r> {
+    from: &'r Option<Spanned<String>>,
+    first: &'r Option<Vec<Spanned<String>>>,
+    join: &'r Option<Vec<Spanned<String>>>,
+    sep: &'r Option<String>,
+    value: &'r Option<Spanned<String>>,
+}
+
 pub(crate) struct Compiler<'a> {
     defs: &'a Defs,
     valuemaps: &'a [ValueMap],
@@ -623,18 +632,43 @@ impl<'a> Compiler<'a> {
             datatype: false,
             depth: 0,
         };
-        let given = [v.from.is_some(), v.join.is_some(), v.value.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let given = [
+            v.from.is_some(),
+            v.first.is_some(),
+            v.join.is_some(),
+            v.value.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if given != 1 {
             self.diag.whole(
                 file,
-                format!("variable `{name}` needs exactly one of `from`, `join` or `value`"),
+                format!(
+                    "variable `{name}` needs exactly one of `from`, `first`, `join` or `value`"
+                ),
             );
             return None;
         }
-        let source = self.scalar(file, &v.from, &v.join, &v.sep, &v.value, &sc)?;
+        for (key, list) in [("first", &v.first), ("join", &v.join)] {
+            if list.as_ref().is_some_and(Vec::is_empty) {
+                self.diag.whole(
+                    file,
+                    format!("variable `{name}`: `{key}:` needs at least one HL7 path or `$var`"),
+                );
+            }
+        }
+        let source = self.scalar(
+            file,
+            ScalarSource {
+                from: &v.from,
+                first: &v.first,
+                join: &v.join,
+                sep: &v.sep,
+                value: &v.value,
+            },
+            &sc,
+        )?;
         let functions = self.functions(file, &v.functions);
         let lookup = v.lookup.as_ref().and_then(|l| {
             self.valuemap(file, l).map(|map| Lookup {
@@ -710,6 +744,7 @@ impl<'a> Compiler<'a> {
 
         let given = [
             r.from.is_some(),
+            r.first.is_some(),
             r.join.is_some(),
             r.value.is_some(),
             r.reference.is_some(),
@@ -724,7 +759,7 @@ impl<'a> Compiler<'a> {
                 file,
                 &r.set,
                 format!(
-                    "`set: {}` needs exactly one source: `from`, `join`, `value`, `ref`, `object` or `map` (found {given})",
+                    "`set: {}` needs exactly one source: `from`, `first`, `join`, `value`, `ref`, `object` or `map` (found {given})",
                     r.set.value
                 ),
             );
@@ -742,7 +777,7 @@ impl<'a> Compiler<'a> {
                     self.diag.at(
                         file,
                         &r.set,
-                        format!("`{what}:` applies to values (`from`, `join`, `value`), not to `ref`, `object` or `map`"),
+                        format!("`{what}:` applies to values (`from`, `first`, `join`, `value`), not to `ref`, `object` or `map`"),
                     );
                 }
             }
@@ -855,7 +890,26 @@ impl<'a> Compiler<'a> {
                 Convert::None,
             )
         } else {
-            let source = self.scalar(file, &r.from, &r.join, &r.sep, &r.value, &inner);
+            for (key, list) in [("first", &r.first), ("join", &r.join)] {
+                if list.as_ref().is_some_and(Vec::is_empty) {
+                    self.diag.at(
+                        file,
+                        &r.set,
+                        format!("`{key}:` needs at least one HL7 path or `$var`"),
+                    );
+                }
+            }
+            let source = self.scalar(
+                file,
+                ScalarSource {
+                    from: &r.from,
+                    first: &r.first,
+                    join: &r.join,
+                    sep: &r.sep,
+                    value: &r.value,
+                },
+                &inner,
+            );
             let functions = self.functions(file, &r.functions);
             let default = r
                 .default
@@ -1072,40 +1126,43 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn scalar(
-        &mut self,
-        file: &str,
-        from: &Option<Spanned<String>>,
-        join: &Option<Vec<Spanned<String>>>,
-        sep: &Option<String>,
-        value: &Option<Spanned<String>>,
-        sc: &Scope<'_>,
-    ) -> Option<Scalar> {
-        if let Some(f) = from {
+    fn scalar(&mut self, file: &str, s: ScalarSource<'_>, sc: &Scope<'_>) -> Option<Scalar> {
+        if let Some(f) = s.from {
             return Some(match self.operand(file, f, sc)? {
                 Operand::Path(p) => Scalar::Path(p),
                 Operand::Var(v) => Scalar::Var(v),
             });
         }
-        if let Some(parts) = join {
-            if parts.is_empty() {
-                return None;
-            }
-            let ops: Vec<Operand> = parts
-                .iter()
-                .filter_map(|p| self.operand(file, p, sc))
-                .collect();
-            if ops.len() != parts.len() {
-                return None;
-            }
+        if let Some(parts) = s.first {
+            return self.operands(file, parts, sc).map(Scalar::First);
+        }
+        if let Some(parts) = s.join {
+            let ops = self.operands(file, parts, sc)?;
             return Some(Scalar::Join(
                 ops,
-                sep.clone().unwrap_or_else(|| " ".to_string()),
+                s.sep.clone().unwrap_or_else(|| " ".to_string()),
             ));
         }
-        let v = value.as_ref()?;
+        let v = s.value.as_ref()?;
         self.template(file, v, sc.vars, sc.in_rep)
             .map(Scalar::Value)
+    }
+
+    /// The operands of `first:` or `join:`; every one is checked (and reported) before `None`.
+    fn operands(
+        &mut self,
+        file: &str,
+        parts: &[Spanned<String>],
+        sc: &Scope<'_>,
+    ) -> Option<Vec<Operand>> {
+        if parts.is_empty() {
+            return None;
+        }
+        let ops: Vec<Operand> = parts
+            .iter()
+            .filter_map(|p| self.operand(file, p, sc))
+            .collect();
+        (ops.len() == parts.len()).then_some(ops)
     }
 
     /// `$name` (a variable) or an HL7 path.
@@ -1115,7 +1172,7 @@ impl<'a> Compiler<'a> {
                 file,
                 s,
                 format!(
-                    "`{}` is a template: `from`, `join`, `key` and `when` take HL7 paths or `$name` variables; templates belong in `value:`",
+                    "`{}` is a template: `from`, `first`, `join`, `key` and `when` take HL7 paths or `$name` variables; templates belong in `value:`",
                     s.value
                 ),
             );
@@ -1466,7 +1523,7 @@ fn is_segment_name(s: &str) -> bool {
 fn spec_vars(v: &ValueSpec, out: &mut Vec<usize>) {
     match &v.source {
         Scalar::Var(s) => out.push(*s),
-        Scalar::Join(ops, _) => ops.iter().for_each(|o| {
+        Scalar::First(ops) | Scalar::Join(ops, _) => ops.iter().for_each(|o| {
             if let Operand::Var(s) = o {
                 out.push(*s)
             }

@@ -198,6 +198,10 @@ impl<'a, 'm> Runner<'a, 'm> {
                 .get(*slot)
                 .and_then(Clone::clone)
                 .map(|v| (v.text, v.from_message)),
+            Scalar::First(ops) => ops.iter().find_map(|o| match o {
+                Operand::Path(p) => self.scalar(p, cur).map(|t| (t, true)),
+                Operand::Var(slot) => self.var(*slot).map(|v| (v.text.clone(), v.from_message)),
+            }),
             Scalar::Join(ops, sep) => {
                 let mut parts = Vec::new();
                 let mut msg = false;
