@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hl7_edge::config::SiteConfig;
-use hl7_edge::ingest::adapter;
+use hl7_edge::ingest::adapter::{self, FeedConfig};
 use hl7_edge::map::{Explain, MappingSet, Sources};
 use hl7_edge::pipeline::Processor;
 
@@ -181,8 +181,8 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     out
 }
 
-#[test]
-fn no_message_makes_the_mapping_engine_panic() {
+/// The offline path over the shipped mappings and the golden tests' own, and the embedded feed.
+fn processor() -> (Processor, FeedConfig) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tests = root.join("mappings/tests");
     let set = MappingSet::load_sources(
@@ -194,10 +194,16 @@ fn no_message_makes_the_mapping_engine_panic() {
         None,
     )
     .unwrap_or_else(|e| panic!("mappings load: {e:?}"));
-    let site = SiteConfig::default();
-    let processor = Processor::new(Arc::new(set), site, Default::default()).expect("processor");
-    let feeds = adapter::load(None, &SiteConfig::default()).expect("embedded feed");
-    let feed = &feeds[0];
+    let processor = Processor::new(Arc::new(set), SiteConfig::default(), Default::default())
+        .expect("processor");
+    let mut feeds = adapter::load(None, &SiteConfig::default()).expect("embedded feed");
+    (processor, feeds.remove(0))
+}
+
+#[test]
+fn no_message_makes_the_mapping_engine_panic() {
+    let (processor, feed) = processor();
+    let feed = &feed;
     let rounds: usize = std::env::var("HL7EDGE_FUZZ_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -262,20 +268,8 @@ fn explain_tracing_changes_nothing_but_the_explanation() {
     // all empty is not built at all); with it, every rule runs. Both must give the same Bundle,
     // the same notes and the same refusals, for real messages and for mutated ones.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let tests = root.join("mappings/tests");
-    let set = MappingSet::load_sources(
-        &Sources {
-            base: Some(&root.join("mappings")),
-            site: None,
-            extra: vec![&tests],
-        },
-        None,
-    )
-    .unwrap_or_else(|e| panic!("mappings load: {e:?}"));
-    let processor = Processor::new(Arc::new(set), SiteConfig::default(), Default::default())
-        .expect("processor");
-    let feeds = adapter::load(None, &SiteConfig::default()).expect("embedded feed");
-    let feed = &feeds[0];
+    let (processor, feed) = processor();
+    let feed = &feed;
     let received = jiff::Timestamp::from_second(1_780_000_000).expect("time");
 
     let mut inputs: Vec<Vec<u8>> = seeds();

@@ -53,6 +53,44 @@ struct ScalarSource<'r> {
     value: &'r Option<Spanned<String>>,
 }
 
+impl<'r> ScalarSource<'r> {
+    fn of_rule(r: &'r Rule) -> Self {
+        ScalarSource {
+            from: &r.from,
+            first: &r.first,
+            join: &r.join,
+            sep: &r.sep,
+            value: &r.value,
+        }
+    }
+
+    fn of_var(v: &'r VarDef) -> Self {
+        ScalarSource {
+            from: &v.from,
+            first: &v.first,
+            join: &v.join,
+            sep: &v.sep,
+            value: &v.value,
+        }
+    }
+
+    /// How many of `from`, `first`, `join` and `value` are given.
+    fn given(&self) -> usize {
+        usize::from(self.from.is_some())
+            + usize::from(self.first.is_some())
+            + usize::from(self.join.is_some())
+            + usize::from(self.value.is_some())
+    }
+
+    /// The key of a list source given with nothing in it (`first: []`).
+    fn empty_list(&self) -> Option<&'static str> {
+        [("first", self.first), ("join", self.join)]
+            .into_iter()
+            .find(|(_, list)| list.as_ref().is_some_and(Vec::is_empty))
+            .map(|(key, _)| key)
+    }
+}
+
 pub(crate) struct Compiler<'a> {
     defs: &'a Defs,
     valuemaps: &'a [ValueMap],
@@ -632,16 +670,8 @@ impl<'a> Compiler<'a> {
             datatype: false,
             depth: 0,
         };
-        let given = [
-            v.from.is_some(),
-            v.first.is_some(),
-            v.join.is_some(),
-            v.value.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
-        if given != 1 {
+        let source = ScalarSource::of_var(v);
+        if source.given() != 1 {
             self.diag.whole(
                 file,
                 format!(
@@ -650,25 +680,13 @@ impl<'a> Compiler<'a> {
             );
             return None;
         }
-        for (key, list) in [("first", &v.first), ("join", &v.join)] {
-            if list.as_ref().is_some_and(Vec::is_empty) {
-                self.diag.whole(
-                    file,
-                    format!("variable `{name}`: `{key}:` needs at least one HL7 path or `$var`"),
-                );
-            }
+        if let Some(key) = source.empty_list() {
+            self.diag.whole(
+                file,
+                format!("variable `{name}`: `{key}:` needs at least one HL7 path or `$var`"),
+            );
         }
-        let source = self.scalar(
-            file,
-            ScalarSource {
-                from: &v.from,
-                first: &v.first,
-                join: &v.join,
-                sep: &v.sep,
-                value: &v.value,
-            },
-            &sc,
-        )?;
+        let source = self.scalar(file, source, &sc)?;
         let functions = self.functions(file, &v.functions);
         let lookup = v.lookup.as_ref().and_then(|l| {
             self.valuemap(file, l).map(|map| Lookup {
@@ -742,18 +760,10 @@ impl<'a> Compiler<'a> {
         };
         let when = r.when.as_ref().and_then(|w| self.when(file, w, &inner));
 
-        let given = [
-            r.from.is_some(),
-            r.first.is_some(),
-            r.join.is_some(),
-            r.value.is_some(),
-            r.reference.is_some(),
-            r.object.is_some(),
-            r.map.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
+        let given = ScalarSource::of_rule(r).given()
+            + usize::from(r.reference.is_some())
+            + usize::from(r.object.is_some())
+            + usize::from(r.map.is_some());
         if given != 1 {
             self.diag.at(
                 file,
@@ -890,26 +900,15 @@ impl<'a> Compiler<'a> {
                 Convert::None,
             )
         } else {
-            for (key, list) in [("first", &r.first), ("join", &r.join)] {
-                if list.as_ref().is_some_and(Vec::is_empty) {
-                    self.diag.at(
-                        file,
-                        &r.set,
-                        format!("`{key}:` needs at least one HL7 path or `$var`"),
-                    );
-                }
+            let written = ScalarSource::of_rule(r);
+            if let Some(key) = written.empty_list() {
+                self.diag.at(
+                    file,
+                    &r.set,
+                    format!("`{key}:` needs at least one HL7 path or `$var`"),
+                );
             }
-            let source = self.scalar(
-                file,
-                ScalarSource {
-                    from: &r.from,
-                    first: &r.first,
-                    join: &r.join,
-                    sep: &r.sep,
-                    value: &r.value,
-                },
-                &inner,
-            );
+            let source = self.scalar(file, written, &inner);
             let functions = self.functions(file, &r.functions);
             let default = r
                 .default
