@@ -143,15 +143,42 @@ pub fn diff(expected: &str, actual: &str) -> String {
         if !near {
             continue;
         }
-        if let Some(l) = last_shown
-            && k > l + 1
-        {
-            out.push_str("   ...\n");
+        let starts_hunk = match last_shown {
+            None => true,
+            Some(l) => k > l + 1,
+        };
+        if starts_hunk {
+            if last_shown.is_some() {
+                out.push_str("   ...\n");
+            }
+            if let Some(place) = resource_before(ops.get(..=k).unwrap_or_default()) {
+                out.push_str(&format!("   in {place}:\n"));
+            }
         }
         out.push_str(&format!(" {c} {line}\n"));
         last_shown = Some(k);
     }
     out
+}
+
+/// The Bundle entry a hunk of a pretty-printed Bundle is in, as `entry[2] (Patient)`: the last
+/// `resourceType` before it (every resource starts with one), and how many `fullUrl`s (one per
+/// entry) came before that.
+fn resource_before(ops: &[(char, &str)]) -> Option<String> {
+    let at = ops
+        .iter()
+        .rposition(|(_, l)| l.trim_start().starts_with("\"resourceType\": \""))?;
+    let rtype = ops.get(at)?.1.trim().trim_end_matches(',');
+    let rtype = rtype.strip_prefix("\"resourceType\": ")?.trim_matches('"');
+    let entries = ops
+        .get(..at)?
+        .iter()
+        .filter(|(c, l)| *c != '+' && l.trim_start().starts_with("\"fullUrl\": "))
+        .count();
+    Some(match entries {
+        0 => rtype.to_string(),
+        n => format!("entry[{}] ({rtype})", n - 1),
+    })
 }
 
 #[cfg(test)]
@@ -190,5 +217,32 @@ mod tests {
         assert!(d.contains("   c\n") && d.contains("   e\n"), "{d}");
         assert!(!d.contains("   a\n"), "only two lines of context: {d}");
         assert_eq!(diff(a, a), "");
+    }
+
+    #[test]
+    fn diff_names_the_entry_of_each_change() {
+        let bundle = |family: &str, code: &str| {
+            render(&serde_json::json!({
+                "resourceType": "Bundle",
+                "entry": [
+                    { "fullUrl": "urn:uuid:1", "resource": { "resourceType": "MessageHeader", "id": "1" } },
+                    { "fullUrl": "urn:uuid:2", "resource": {
+                        "resourceType": "Patient", "id": "2",
+                        "name": [{ "family": family, "given": ["A", "B", "C", "D", "E"] }],
+                        "gender": "female", "birthDate": "1980-01-01", "active": true
+                    } },
+                    { "fullUrl": "urn:uuid:3", "resource": {
+                        "resourceType": "Observation", "id": "3", "status": "final",
+                        "code": { "text": code }
+                    } }
+                ]
+            }))
+        };
+        let d = diff(&bundle("SMITH", "x"), &bundle("SMYTH", "y"));
+        assert!(d.contains("   in entry[1] (Patient):\n"), "{d}");
+        assert!(d.contains("   in entry[2] (Observation):\n"), "{d}");
+        let patient = d.find("(Patient)").unwrap_or(usize::MAX);
+        let family = d.find("SMYTH").unwrap_or(0);
+        assert!(patient < family, "{d}");
     }
 }
