@@ -468,14 +468,19 @@ impl ValueMap {
 }
 
 /// A value map's table: pairs sorted by key, found by binary search. A message looks codes up
-/// ~80 times; hashing each with SipHash (after upper-casing it into a new string) cost more.
+/// ~100 times; hashing each with SipHash (after upper-casing it into a new string) cost more.
 ///
-/// Each key also carries its first eight bytes as a big-endian number (zero-padded), whose
-/// order is the keys' order: the search compares those integers and compares the text only
-/// where they tie, so a lookup costs one string comparison, not one per step (the codes are
-/// short, and a `memcmp` call per step was most of the lookup).
+/// The search runs over the keys' first eight bytes as big-endian numbers (zero-padded), whose
+/// order is the keys' order, kept in an array of their own: eight keys to a cache line, and no
+/// string comparison until the numbers tie. A key of at most eight bytes is then equal to the
+/// code when their lengths are (most codes: `M`, `HL70063`, `LN`), so it needs no comparison
+/// of its text at all.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Table(Vec<(u64, String, String)>);
+pub struct Table {
+    prefixes: Vec<u64>,
+    /// `(key, translation)`, in key order (that of `prefixes`).
+    pairs: Vec<(String, String)>,
+}
 
 /// The first eight bytes of a key as a big-endian number, zero-padded.
 fn prefix(bytes: impl Iterator<Item = u8>) -> u64 {
@@ -494,11 +499,19 @@ impl Table {
     /// upper-cased key need not be checked as UTF-8 again.
     fn find(&self, key: &[u8]) -> Option<&str> {
         let p = prefix(key.iter().copied());
-        let i = self
-            .0
-            .binary_search_by(|(kp, k, _)| kp.cmp(&p).then_with(|| k.as_bytes().cmp(key)))
-            .ok()?;
-        self.0.get(i).map(|(_, _, v)| v.as_str())
+        let start = self.prefixes.partition_point(|q| *q < p);
+        // The keys that share these eight bytes follow one another (nearly always one at most).
+        let same = self.prefixes.get(start..).unwrap_or_default();
+        let pairs = self.pairs.get(start..).unwrap_or_default();
+        for (q, (k, v)) in same.iter().zip(pairs) {
+            if *q != p {
+                break;
+            }
+            if k.len() == key.len() && (key.len() <= 8 || k.as_bytes() == key) {
+                return Some(v);
+            }
+        }
+        None
     }
 
     /// [`Self::get`] of `key` upper-cased (ASCII), for a table whose keys were upper-cased.
@@ -519,20 +532,20 @@ impl Table {
 
     /// The translations, in key order.
     pub fn values(&self) -> impl Iterator<Item = &String> {
-        self.0.iter().map(|(_, _, v)| v)
+        self.pairs.iter().map(|(_, v)| v)
     }
 }
 
 /// From unique keys (a map's).
 impl FromIterator<(String, String)> for Table {
     fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
-        let mut v: Vec<(u64, String, String)> = pairs
-            .into_iter()
-            .map(|(k, v)| (prefix(k.bytes()), k, v))
-            .collect();
-        v.sort_unstable_by(|a, b| a.1.cmp(&b.1));
-        v.dedup_by(|a, b| a.1 == b.1);
-        Table(v)
+        let mut pairs: Vec<(String, String)> = pairs.into_iter().collect();
+        pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        pairs.dedup_by(|a, b| a.0 == b.0);
+        Table {
+            prefixes: pairs.iter().map(|(k, _)| prefix(k.bytes())).collect(),
+            pairs,
+        }
     }
 }
 
@@ -582,6 +595,17 @@ mod tests {
         }
         assert_eq!(t.get_upper("mxx"), None);
         assert_eq!(t.values().count(), 7);
+        // Keys whose zero-padded first eight bytes are the same: told apart by length, then text.
+        let t: Table = ["A", "A\0", "A\0B", "AB", "ABCDEFGH\0", "ABCDEFGH"]
+            .into_iter()
+            .map(|k| (k.to_string(), format!("{k:?}")))
+            .collect();
+        for k in ["A", "A\0", "A\0B", "AB", "ABCDEFGH\0", "ABCDEFGH"] {
+            assert_eq!(t.get(k), Some(format!("{k:?}").as_str()));
+        }
+        for k in ["A\0\0", "ABCDEFGH\0\0", "B"] {
+            assert_eq!(t.get(k), None, "{k:?}");
+        }
         // Keys longer than the stack buffer of `get_upper`.
         let long = "LONG-CODE-".repeat(5);
         let t: Table = [(long.clone(), "v".to_string())].into_iter().collect();
