@@ -163,7 +163,8 @@ pub fn diff(expected: &str, actual: &str) -> String {
 
 /// The Bundle entry a hunk of a pretty-printed Bundle is in, as `entry[2] (Patient)`: the last
 /// `resourceType` before it (every resource starts with one), and how many `fullUrl`s (one per
-/// entry) came before that.
+/// entry) came before that. The envelope writes `entry` last, so no element of the Bundle's own
+/// follows a resource; one before the entries is `in Bundle`.
 fn resource_before(ops: &[(char, &str)]) -> Option<String> {
     let at = ops
         .iter()
