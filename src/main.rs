@@ -48,7 +48,8 @@ enum Command {
     /// Print the Bundle a message would produce, without any network or state (exit 1 if it
     /// would be quarantined: the reasons go to stderr).
     Map {
-        /// A file holding one HL7 v2 message.
+        /// A file holding an HL7 v2 message; several (a batch, or messages one after another)
+        /// are mapped one by one.
         file: PathBuf,
         /// Mappings folder (default: the configured one, else the embedded set).
         #[arg(long, value_name = "DIR")]
@@ -344,7 +345,38 @@ fn cmd_map(
     let feed = &feed;
     let raw = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mode = if explain { Explain::On } else { Explain::Off };
-    let produced = processor.build(&raw, feed, jiff::Timestamp::now(), mode)?;
+    // A sample file often holds several messages (a batch, or messages one after another):
+    // each is mapped on its own, as the daemon would take them one frame at a time.
+    let frame = hl7_edge::hl7::batch::split_batch(&raw);
+    let messages: Vec<&[u8]> = frame.messages().collect();
+    if frame.error.is_some() || messages.len() < 2 {
+        return map_one(&processor, feed, &raw, mode);
+    }
+    let mut worst = 0u8;
+    for (i, message) in messages.iter().enumerate() {
+        eprintln!("== message {} of {}", i + 1, messages.len());
+        let code = match map_one(&processor, feed, message, mode) {
+            Ok(code) if code == ExitCode::SUCCESS => 0,
+            Ok(_) => 1,
+            Err(e) => {
+                eprintln!("error: {}", error_text(&e));
+                2
+            }
+        };
+        worst = worst.max(code);
+    }
+    Ok(ExitCode::from(worst))
+}
+
+/// Maps one message and prints its Bundle (stdout), notes and `--explain` (stderr); exit 1 if
+/// the Bundle would be quarantined.
+fn map_one(
+    processor: &Processor,
+    feed: &FeedConfig,
+    raw: &[u8],
+    mode: Explain,
+) -> Result<ExitCode> {
+    let produced = processor.build(raw, feed, jiff::Timestamp::now(), mode)?;
     println!("{}", serde_json::to_string_pretty(&produced.bundle)?);
     for w in &produced.warnings {
         eprintln!("note: {w}");

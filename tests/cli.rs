@@ -257,3 +257,44 @@ fn map_errors_say_each_cause_once() {
         "{err}"
     );
 }
+
+#[test]
+fn map_takes_each_message_of_a_file_with_several() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings/tests/adt");
+    let mut sample = std::fs::read(golden.join("adt_a01.hl7")).expect("a01");
+    sample.extend(std::fs::read(golden.join("adt_a08.hl7")).expect("a08"));
+    let f = dir.path().join("sample.hl7");
+    let bundles = |stdout: &[u8]| -> Vec<String> {
+        serde_json::Deserializer::from_slice(stdout)
+            .into_iter::<Value>()
+            .map(|b| b.expect("a Bundle")["identifier"]["value"].to_string())
+            .collect()
+    };
+
+    std::fs::write(&f, &sample).expect("write");
+    let out = hl7_edge(&["map", f.to_str().expect("utf-8 path")], dir.path());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(
+        bundles(&out.stdout),
+        ["\"UK-A01-1\"", "\"UK-A08-1\""],
+        "{err}"
+    );
+    assert!(
+        err.contains("== message 1 of 2") && err.contains("== message 2 of 2"),
+        "{err}"
+    );
+
+    // A message that cannot be mapped does not stop the others; the exit code is the worst.
+    sample.extend(b"MSH|^~\\&|PAS|RRV|HL7EDGE|LHIE|20260715101500||||P|2.4\r");
+    std::fs::write(&f, &sample).expect("write");
+    let out = hl7_edge(&["map", f.to_str().expect("utf-8 path")], dir.path());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(bundles(&out.stdout).len(), 2, "{err}");
+    assert!(
+        err.contains("== message 3 of 3\nerror: parse: MSH-9 (message type) is missing"),
+        "{err}"
+    );
+}
