@@ -349,8 +349,19 @@ fn cmd_map(
     // each is mapped on its own, as the daemon would take them one frame at a time.
     let frame = hl7_edge::hl7::batch::split_batch(&raw);
     let messages: Vec<&[u8]> = frame.messages().collect();
-    if frame.error.is_some() || messages.len() < 2 {
-        return map_one(&processor, feed, &raw, mode);
+    match messages.as_slice() {
+        _ if frame.error.is_some() => {
+            // A batch whose envelope the daemon would refuse says why; anything else is left
+            // to the parser to explain.
+            if let Some(e) = frame.error.filter(|_| hl7_edge::hl7::batch::is_batch(&raw)) {
+                bail!(e);
+            }
+            return map_one(&processor, feed, &raw, mode);
+        }
+        [] => return map_one(&processor, feed, &raw, mode),
+        // One message, in a batch envelope or not.
+        [one] => return map_one(&processor, feed, one, mode),
+        _ => {}
     }
     let mut worst = 0u8;
     for (i, message) in messages.iter().enumerate() {

@@ -297,4 +297,24 @@ fn map_takes_each_message_of_a_file_with_several() {
         err.contains("== message 3 of 3\nerror: parse: MSH-9 (message type) is missing"),
         "{err}"
     );
+
+    // One message in a batch envelope is that message; an envelope the daemon would refuse
+    // is named.
+    let a01 = std::fs::read(golden.join("adt_a01.hl7")).expect("a01");
+    let mut batch = b"FHS|^~\\&|PAS|RRV\rBHS|^~\\&|PAS|RRV\r".to_vec();
+    batch.extend(&a01);
+    batch.extend(b"BTS|1\rFTS|1\r");
+    std::fs::write(&f, &batch).expect("write");
+    let out = hl7_edge(&["map", f.to_str().expect("utf-8 path")], dir.path());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(bundles(&out.stdout), ["\"UK-A01-1\""], "{err}");
+    assert!(!err.contains("== message"), "{err}");
+    batch.extend(b"FHS|^~\\&|PAS|RRV\r");
+    batch.extend(&a01);
+    std::fs::write(&f, &batch).expect("write");
+    let out = hl7_edge(&["map", f.to_str().expect("utf-8 path")], dir.path());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("batch envelope: line"), "{err}");
 }
