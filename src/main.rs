@@ -347,20 +347,19 @@ fn cmd_map(
     let mode = if explain { Explain::On } else { Explain::Off };
     // A sample file often holds several messages (a batch, or messages one after another):
     // each is mapped on its own, as the daemon would take them one frame at a time.
+    let batch = hl7_edge::hl7::batch::is_batch(&raw);
     let frame = hl7_edge::hl7::batch::split_batch(&raw);
     let messages: Vec<&[u8]> = frame.messages().collect();
     match messages.as_slice() {
-        _ if frame.error.is_some() => {
-            // A batch whose envelope the daemon would refuse says why; anything else is left
-            // to the parser to explain.
-            if let Some(e) = frame.error.filter(|_| hl7_edge::hl7::batch::is_batch(&raw)) {
-                bail!(e);
-            }
-            return map_one(&processor, feed, &raw, mode);
-        }
-        [] => return map_one(&processor, feed, &raw, mode),
-        // One message, in a batch envelope or not.
-        [one] => return map_one(&processor, feed, one, mode),
+        // A batch whose envelope the daemon would refuse says why; anything else that does not
+        // split is left to the parser to explain.
+        _ if frame.error.is_some() => match frame.error {
+            Some(e) if batch => bail!(e),
+            _ => return map_one(&processor, feed, &raw, mode),
+        },
+        // One message in a batch envelope is that message; a lone message is read as it is.
+        [one] if batch => return map_one(&processor, feed, one, mode),
+        [] | [_] => return map_one(&processor, feed, &raw, mode),
         _ => {}
     }
     let mut worst = 0u8;
