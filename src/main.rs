@@ -349,18 +349,22 @@ fn cmd_map(
     // each is mapped on its own, as the daemon would take them one frame at a time.
     let batch = hl7_edge::hl7::batch::is_batch(&raw);
     let frame = hl7_edge::hl7::batch::split_batch(&raw);
-    let messages: Vec<&[u8]> = frame.messages().collect();
-    match messages.as_slice() {
+    if let Some(e) = &frame.error {
         // A batch whose envelope the daemon would refuse says why; anything else that does not
         // split is left to the parser to explain.
-        _ if frame.error.is_some() => match frame.error {
-            Some(e) if batch => bail!(e),
-            _ => return map_one(&processor, feed, &raw, mode),
-        },
+        if batch {
+            bail!(e.clone());
+        }
+        return map_one(&processor, feed, &raw, mode);
+    }
+    let messages: Vec<&[u8]> = frame.messages().collect();
+    if messages.len() < 2 {
         // One message in a batch envelope is that message; a lone message is read as it is.
-        [one] if batch => return map_one(&processor, feed, one, mode),
-        [] | [_] => return map_one(&processor, feed, &raw, mode),
-        _ => {}
+        let one = match messages.as_slice() {
+            [one] if batch => one,
+            _ => raw.as_slice(),
+        };
+        return map_one(&processor, feed, one, mode);
     }
     let mut worst = 0u8;
     for (i, message) in messages.iter().enumerate() {
