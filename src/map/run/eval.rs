@@ -193,14 +193,10 @@ impl<'a, 'm> Runner<'a, 'm> {
         }
         let got = match &spec.source {
             Scalar::Path(p) => self.scalar(p, cur).map(|t| (t, true)),
-            Scalar::Var(slot) => self
-                .vars
-                .get(*slot)
-                .and_then(Clone::clone)
-                .map(|v| (v.text, v.from_message)),
+            Scalar::Var(slot) => self.var_value(*slot),
             Scalar::First(ops) => ops.iter().find_map(|o| match o {
                 Operand::Path(p) => self.scalar(p, cur).map(|t| (t, true)),
-                Operand::Var(slot) => self.var(*slot).map(|v| (v.text.clone(), v.from_message)),
+                Operand::Var(slot) => self.var_value(*slot),
             }),
             Scalar::Join(ops, sep) => {
                 let mut parts = Vec::new();
@@ -214,9 +210,9 @@ impl<'a, 'm> Runner<'a, 'm> {
                             }
                         }
                         Operand::Var(slot) => {
-                            if let Some(Some(v)) = self.vars.get(*slot) {
-                                parts.push(v.text.clone());
-                                msg |= v.from_message;
+                            if let Some((t, from_message)) = self.var_value(*slot) {
+                                parts.push(t);
+                                msg |= from_message;
                             }
                         }
                     }
@@ -389,6 +385,11 @@ impl<'a, 'm> Runner<'a, 'm> {
     /// The value of variable `slot`, if it has one.
     fn var(&self, slot: usize) -> Option<&Val> {
         self.vars.get(slot).and_then(Option::as_ref)
+    }
+
+    /// [`Self::var`] as a source's text and whether it came from the message.
+    fn var_value(&self, slot: usize) -> Option<(String, bool)> {
+        self.var(slot).map(|v| (v.text.clone(), v.from_message))
     }
 
     pub(super) fn cond(&mut self, c: &Cond, cur: &Cursor<'_>) -> bool {
