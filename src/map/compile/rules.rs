@@ -45,6 +45,7 @@ struct MsgCtx {
 type CompiledDatatype = Option<(&'static str, Arc<Vec<RulePlan>>)>;
 
 /// A rule's or a variable's value source, as written (exactly one is given).
+#[derive(Clone, Copy)]
 struct ScalarSource<'r> {
     from: &'r Option<Spanned<String>>,
     first: &'r Option<Vec<Spanned<String>>>,
@@ -760,7 +761,8 @@ impl<'a> Compiler<'a> {
         };
         let when = r.when.as_ref().and_then(|w| self.when(file, w, &inner));
 
-        let given = ScalarSource::of_rule(r).given()
+        let written = ScalarSource::of_rule(r);
+        let given = written.given()
             + usize::from(r.reference.is_some())
             + usize::from(r.object.is_some())
             + usize::from(r.map.is_some());
@@ -900,7 +902,6 @@ impl<'a> Compiler<'a> {
                 Convert::None,
             )
         } else {
-            let written = ScalarSource::of_rule(r);
             if let Some(key) = written.empty_list() {
                 self.diag.at(
                     file,
