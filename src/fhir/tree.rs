@@ -101,15 +101,6 @@ impl Obj {
         &mut self.0[at].1
     }
 
-    /// Sets `key` at position `at` (or where it already is).
-    pub(crate) fn insert_at(&mut self, at: usize, key: impl Into<Key>, value: Json) {
-        let key = key.into();
-        match self.get_mut(&key) {
-            Some(slot) => *slot = value,
-            None => self.0.insert(at.min(self.0.len()), (key, value)),
-        }
-    }
-
     pub fn contains_key(&self, key: &str) -> bool {
         self.get(key).is_some()
     }

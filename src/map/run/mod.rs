@@ -341,20 +341,6 @@ fn unmapped_segments(mp: &MessagePlan, msg: &Message) -> Vec<(String, usize)> {
     out
 }
 
-/// `resourceType`, `id` and `meta`, then `content` in its order. A mapping that sets `id` or
-/// `resourceType` itself keeps its value, where the generated one would be.
-fn with_head(mut content: Obj, resource_type: Json, id: Json, meta: Json) -> Obj {
-    for (at, key, generated) in [
-        (0, "resourceType", resource_type),
-        (1, "id", id),
-        (2, "meta", meta),
-    ] {
-        let value = content.remove(key).unwrap_or(generated);
-        content.insert_at(at, key, value);
-    }
-    content
-}
-
 /// A unique id for repetition `idx` of a field of segment `seg`.
 fn rep_id(seg: usize, idx: usize) -> u64 {
     ((seg as u64) << 20) | (idx as u64 & 0xF_FFFF)
@@ -384,7 +370,14 @@ impl<'a, 'm> Runner<'a, 'm> {
         let mark = self.trace.as_ref().map(|t| t.elements.len());
         let pending_before = self.pending.len();
         self.flags.clear();
+        // `resourceType`, `id` and `meta` come first in a resource, and are filled in once
+        // the resource is built (the id can depend on its identifiers): their places are held
+        // from the start, so nothing is shifted to put them there. A mapping that sets `id` or
+        // `resourceType` itself keeps its value; `meta` is where rules add to it.
         let mut content = Obj::with_capacity(rp.width);
+        content.insert("resourceType", Json::Null);
+        content.insert("id", Json::Null);
+        content.insert("meta", Json::Obj(Obj::new()));
         let mut any = false;
         if let Some(body) = &rp.body {
             any |= self.rules(body, cur, &mut content)?;
@@ -398,41 +391,44 @@ impl<'a, 'm> Runner<'a, 'm> {
             return Ok(());
         }
         let id = self.resource_id(rp, cur, &content, occ);
-        let mut meta = match content.remove("meta") {
-            Some(Json::Obj(m)) => m,
-            _ => Obj::new(),
-        };
-        // Nothing empty is written (see `set`): a mapping's `profile: ""` adds no profile.
-        if let Some(p) = rp.profile.as_ref().filter(|p| !p.is_empty())
-            && let Json::Arr(a) = meta.entry("profile", || Json::Arr(Vec::new()))
-        {
-            a.insert(0, Json::Str(p.clone()));
+        if let Some(slot @ Json::Null) = content.get_mut("resourceType") {
+            *slot = Json::Str(rp.resource_type.clone());
         }
-        meta.insert("source", Json::Str(self.appliance_uri.clone()));
-        if !self.flags.is_empty() {
-            self.flags.sort_unstable_by_key(|f| f.code());
-            self.flags.dedup();
-            let system = format!(
-                "{}/{}",
-                self.cx.site.identifier_base.trim_end_matches('/'),
-                crate::fhir::time::FLAG_CODE_SYSTEM_PATH
-            );
-            if let Json::Arr(a) = meta.entry("tag", || Json::Arr(Vec::new())) {
-                for f in self.flags.drain(..) {
-                    let mut t = Obj::new();
-                    t.insert("system", Json::Str(system.clone()));
-                    t.insert("code", Json::Str(f.code().into()));
-                    t.insert("display", Json::Str(f.display().into()));
-                    a.push(Json::Obj(t));
+        if let Some(slot @ Json::Null) = content.get_mut("id") {
+            *slot = Json::Str(ids::text(&id));
+        }
+        let meta = content.entry("meta", || Json::Obj(Obj::new()));
+        if !matches!(meta, Json::Obj(_)) {
+            *meta = Json::Obj(Obj::new());
+        }
+        if let Json::Obj(meta) = meta {
+            // Nothing empty is written (see `set`): a mapping's `profile: ""` adds no profile.
+            if let Some(p) = rp.profile.as_ref().filter(|p| !p.is_empty())
+                && let Json::Arr(a) = meta.entry("profile", || Json::Arr(Vec::new()))
+            {
+                a.insert(0, Json::Str(p.clone()));
+            }
+            meta.insert("source", Json::Str(self.appliance_uri.clone()));
+            if !self.flags.is_empty() {
+                self.flags.sort_unstable_by_key(|f| f.code());
+                self.flags.dedup();
+                let system = format!(
+                    "{}/{}",
+                    self.cx.site.identifier_base.trim_end_matches('/'),
+                    crate::fhir::time::FLAG_CODE_SYSTEM_PATH
+                );
+                if let Json::Arr(a) = meta.entry("tag", || Json::Arr(Vec::new())) {
+                    for f in self.flags.drain(..) {
+                        let mut t = Obj::new();
+                        t.insert("system", Json::Str(system.clone()));
+                        t.insert("code", Json::Str(f.code().into()));
+                        t.insert("display", Json::Str(f.display().into()));
+                        a.push(Json::Obj(t));
+                    }
                 }
             }
         }
-        let json = with_head(
-            content,
-            Json::Str(rp.resource_type.clone()),
-            Json::Str(ids::text(&id)),
-            Json::Obj(meta),
-        );
+        let json = content;
         built.push(Built {
             plan_index: ri,
             refs: pending_before..self.pending.len(),
