@@ -29,7 +29,7 @@ use crate::fhir::tree::{Json, Obj};
 use super::plan::*;
 use crate::config::SiteConfig;
 use crate::fhir::{ids, tree};
-use crate::hl7::Message;
+use crate::hl7::{Message, segment_code};
 use scope::{Cursor, RepFrame, ScopeIds, compatible};
 
 /// Per-message inputs besides the message itself.
@@ -145,6 +145,9 @@ pub(crate) struct Runner<'a, 'm> {
     /// How many instances took each `key:` id so far (a repeated key is numbered, see
     /// [`Runner::resource_id`]).
     keyed: ids::IdMap<usize>,
+    /// The name of each segment of the message, as three bytes side by side: absolute paths
+    /// find their segment (~170 times per message) by scanning this, not the segments.
+    codes: Vec<[u8; 3]>,
 }
 
 struct Built<'p> {
@@ -182,6 +185,11 @@ pub fn run(
         refused: None,
         // Sized for a message's resources, so it does not grow (rehash) while mapping.
         keyed: ids::IdMap::with_capacity_and_hasher(mp.resources.len() * 2, Default::default()),
+        codes: msg
+            .segments()
+            .iter()
+            .map(|s| segment_code(s.name()).unwrap_or_default())
+            .collect(),
     };
     let root = Cursor {
         groups: &[],

@@ -163,26 +163,26 @@ impl Runner<'_, '_> {
         occurrence: usize,
         cur: &Cursor<'_>,
     ) -> Option<usize> {
-        let segs = self.msg.segments();
         let nth = occurrence.checked_sub(1)?;
         let code = segment_code(name)?;
+        let codes = &self.codes;
         for f in cur.groups.iter().rev() {
             let Some(g) = self.mp.groups.get(f.group) else {
                 continue;
             };
-            // Three-byte compares, not string compares (a `memcmp` call each).
             if g.owns.iter().any(|s| segment_code(s) == Some(code)) {
                 return f
                     .direct
                     .iter()
                     .copied()
-                    .filter(|i| segs.get(*i).is_some_and(|s| s.is(code)))
+                    .filter(|i| codes.get(*i) == Some(&code))
                     .nth(nth);
             }
         }
-        segs.iter()
+        codes
+            .iter()
             .enumerate()
-            .filter(|(_, s)| s.is(code))
+            .filter(|(_, c)| **c == code)
             .map(|(i, _)| i)
             .nth(nth)
     }
