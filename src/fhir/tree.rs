@@ -81,6 +81,7 @@ impl Obj {
             .map(|(_, v)| v)
     }
 
+    #[inline]
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Json> {
         self.0
             .iter_mut()
@@ -89,6 +90,7 @@ impl Obj {
     }
 
     /// The value of `key`, inserted with `make` at the end if absent.
+    #[inline]
     pub(crate) fn entry(&mut self, key: impl Into<Key>, make: impl FnOnce() -> Json) -> &mut Json {
         let key = key.into();
         let at = match self.0.iter().position(|(k, _)| same_key(k, &key)) {
@@ -107,6 +109,7 @@ impl Obj {
 
     /// Sets `key`: an existing key keeps its position (as `IndexMap::insert` does), a new one
     /// goes at the end.
+    #[inline]
     pub fn insert(&mut self, key: impl Into<Key>, value: impl Into<Json>) {
         let key = key.into();
         let value = value.into();
