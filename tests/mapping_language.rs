@@ -481,6 +481,59 @@ valuemaps:
     assert!(!body.contains("null") && !body.contains("\"\""), "{body}");
 }
 
+/// A resource's JSON starts with `resourceType`, `id` and `meta`, wherever its rules write, and
+/// rules writing into `meta` add to what the runtime generates (the declared profile first,
+/// then `source`).
+#[test]
+fn a_resource_starts_with_its_type_id_and_meta_whoever_writes_them() {
+    let (dir, maps) = mappings_with(
+        r#"messages:
+  adt:
+    match: ["ADT^A01"]
+    resources:
+      - name: p
+        type: Patient
+        profile: "https://example.org/fhir/StructureDefinition/declared"
+        rules:
+          - { set: "identifier[0].value", from: PID-3.1 }
+          - { set: "meta.profile[+]", value: "https://example.org/fhir/StructureDefinition/extra" }
+          - { set: "meta.tag[+].code", value: "mapped" }
+          - { set: "name[0].family", from: PID-5.1 }
+      - name: e
+        type: Encounter
+        rules:
+          - { set: "identifier[0].value", from: PV1-19 }
+          - { set: "meta.tag[+].code", value: "first-rule-writes-meta" }
+"#,
+    );
+    let b = map_bundle(
+        dir.path(),
+        &maps,
+        "MSH|^~\\&|A|B|C|D|20260101000000||ADT^A01|1|P|2.4\rPID|1||123||X^Y||19800101|F\rPV1|1|I|||||||||||||||||V1\r",
+    );
+    let head = |r: &Value| -> Vec<String> {
+        r.as_object()
+            .map(|o| o.keys().take(3).cloned().collect())
+            .unwrap_or_default()
+    };
+    let p = resource(&b, "Patient");
+    assert_eq!(head(p), ["resourceType", "id", "meta"], "{p}");
+    assert_eq!(
+        p["meta"]["profile"],
+        serde_json::json!([
+            "https://example.org/fhir/StructureDefinition/declared",
+            "https://example.org/fhir/StructureDefinition/extra"
+        ]),
+        "{p}"
+    );
+    assert_eq!(p["meta"]["tag"][0]["code"], "mapped", "{p}");
+    assert!(p["meta"]["source"].as_str().is_some(), "{p}");
+    assert_eq!(p["name"][0]["family"], "X", "{p}");
+    let e = resource(&b, "Encounter");
+    assert_eq!(head(e), ["resourceType", "id", "meta"], "{e}");
+    assert_eq!(e["meta"]["tag"][0]["code"], "first-rule-writes-meta", "{e}");
+}
+
 /// Every text function of the library, through `hl7-edge map`: the values are compared with
 /// what the reference (README of `mappings/`) says each does.
 #[test]

@@ -380,8 +380,8 @@ impl<'a, 'm> Runner<'a, 'm> {
         self.flags.clear();
         // `resourceType`, `id` and `meta` come first in a resource, and are filled in once
         // the resource is built (the id can depend on its identifiers): their places are held
-        // from the start, so nothing is shifted to put them there. A mapping that sets `id` or
-        // `resourceType` itself keeps its value; `meta` is where rules add to it.
+        // from the start, so nothing is shifted to put them there. Mappings cannot set the
+        // first two (`check` refuses them); rules may add to `meta`.
         let mut content = Obj::with_capacity(rp.width);
         content.insert("resourceType", Json::Null);
         content.insert("id", Json::Null);
@@ -399,44 +399,16 @@ impl<'a, 'm> Runner<'a, 'm> {
             return Ok(());
         }
         let id = self.resource_id(rp, cur, &content, occ);
-        if let Some(slot @ Json::Null) = content.get_mut("resourceType") {
-            *slot = Json::Str(rp.resource_type.clone());
-        }
-        if let Some(slot @ Json::Null) = content.get_mut("id") {
-            *slot = Json::Str(ids::text(&id));
-        }
+        content.insert("resourceType", Json::Str(rp.resource_type.clone()));
+        content.insert("id", Json::Str(ids::text(&id)));
         let meta = content.entry("meta", || Json::Obj(Obj::new()));
         if !matches!(meta, Json::Obj(_)) {
+            // A rule that wrote a value at `meta` itself: the generated meta takes its place.
             *meta = Json::Obj(Obj::new());
         }
         if let Json::Obj(meta) = meta {
-            // Nothing empty is written (see `set`): a mapping's `profile: ""` adds no profile.
-            if let Some(p) = rp.profile.as_ref().filter(|p| !p.is_empty())
-                && let Json::Arr(a) = meta.entry("profile", || Json::Arr(Vec::new()))
-            {
-                a.insert(0, Json::Str(p.clone()));
-            }
-            meta.insert("source", Json::Str(self.appliance_uri.clone()));
-            if !self.flags.is_empty() {
-                self.flags.sort_unstable_by_key(|f| f.code());
-                self.flags.dedup();
-                let system = format!(
-                    "{}/{}",
-                    self.cx.site.identifier_base.trim_end_matches('/'),
-                    crate::fhir::time::FLAG_CODE_SYSTEM_PATH
-                );
-                if let Json::Arr(a) = meta.entry("tag", || Json::Arr(Vec::new())) {
-                    for f in self.flags.drain(..) {
-                        let mut t = Obj::new();
-                        t.insert("system", Json::Str(system.clone()));
-                        t.insert("code", Json::Str(f.code().into()));
-                        t.insert("display", Json::Str(f.display().into()));
-                        a.push(Json::Obj(t));
-                    }
-                }
-            }
+            self.fill_meta(rp, meta);
         }
-        let json = content;
         built.push(Built {
             plan_index: ri,
             refs: pending_before..self.pending.len(),
@@ -444,10 +416,41 @@ impl<'a, 'm> Runner<'a, 'm> {
             name: &rp.name,
             resource_type: &rp.resource_type,
             id,
-            json,
+            json: content,
             trace,
         });
         Ok(())
+    }
+
+    /// The generated part of a resource's `meta`: its profile (first), `source`, and a tag per
+    /// clock-change flag raised while building it.
+    fn fill_meta(&mut self, rp: &ResourcePlan, meta: &mut Obj) {
+        // Nothing empty is written (see `set`): a mapping's `profile: ""` adds no profile.
+        if let Some(p) = rp.profile.as_ref().filter(|p| !p.is_empty())
+            && let Json::Arr(a) = meta.entry("profile", || Json::Arr(Vec::new()))
+        {
+            a.insert(0, Json::Str(p.clone()));
+        }
+        meta.insert("source", Json::Str(self.appliance_uri.clone()));
+        if self.flags.is_empty() {
+            return;
+        }
+        self.flags.sort_unstable_by_key(|f| f.code());
+        self.flags.dedup();
+        let system = format!(
+            "{}/{}",
+            self.cx.site.identifier_base.trim_end_matches('/'),
+            crate::fhir::time::FLAG_CODE_SYSTEM_PATH
+        );
+        if let Json::Arr(a) = meta.entry("tag", || Json::Arr(Vec::new())) {
+            for f in self.flags.drain(..) {
+                let mut t = Obj::new();
+                t.insert("system", Json::Str(system.clone()));
+                t.insert("code", Json::Str(f.code().into()));
+                t.insert("display", Json::Str(f.display().into()));
+                a.push(Json::Obj(t));
+            }
+        }
     }
 
     fn resource_id(
