@@ -33,7 +33,7 @@ fn write_value(v: &Json, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_value(item, out);
+                write_member(item, out);
             }
             out.push(b']');
         }
@@ -51,15 +51,26 @@ fn write_value(v: &Json, out: &mut Vec<u8>) {
                         out.reserve(name.len() + 3);
                         out.push(b'"');
                         out.extend_from_slice(name.as_bytes());
-                        out.push(b'"');
+                        out.extend_from_slice(b"\":");
                     }
-                    Cow::Owned(name) => write_string(name, out),
+                    Cow::Owned(name) => {
+                        write_string(name, out);
+                        out.push(b':');
+                    }
                 }
-                out.push(b':');
-                write_value(item, out);
+                write_member(item, out);
             }
             out.push(b'}');
         }
+    }
+}
+
+/// A member of an object or a list: most are strings, written without a second dispatch on
+/// the value's kind.
+fn write_member(v: &Json, out: &mut Vec<u8>) {
+    match v {
+        Json::Str(s) => write_string(s, out),
+        other => write_value(other, out),
     }
 }
 
