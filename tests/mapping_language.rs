@@ -30,11 +30,17 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A temporary directory holding `maps/m.yaml` with `yaml` in it.
-fn mappings_with(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+/// A temporary directory with an empty `maps` folder in it, for mapping files.
+fn maps_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tmp");
     let maps = dir.path().join("maps");
     std::fs::create_dir_all(&maps).expect("mkdir");
+    (dir, maps)
+}
+
+/// A temporary directory holding `maps/m.yaml` with `yaml` in it.
+fn mappings_with(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+    let (dir, maps) = maps_dir();
     std::fs::write(maps.join("m.yaml"), yaml).expect("write");
     (dir, maps)
 }
@@ -359,9 +365,7 @@ overlays:
 
 #[test]
 fn routing_prefers_structure_then_trigger_then_version_and_reads_csv_value_maps() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let maps = dir.path().join("maps");
-    std::fs::create_dir_all(&maps).expect("mkdir");
+    let (dir, maps) = maps_dir();
     let mapping = |name: &str, pattern: &str, versions: &str| {
         format!(
             r#"  {name}:
@@ -538,9 +542,6 @@ fn a_resource_starts_with_its_type_id_and_meta_whoever_writes_them() {
 /// what the reference (README of `mappings/`) says each does.
 #[test]
 fn the_function_library_transforms_values_as_documented() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let maps = dir.path().join("maps");
-    std::fs::create_dir_all(&maps).expect("mkdir");
     let rules = [
         (r#"PID-3.1, fn: [trim]"#, "ab c"),
         (r#"PID-3.1, fn: [trim, upper]"#, "AB C"),
@@ -563,7 +564,7 @@ fn the_function_library_transforms_values_as_documented() {
             "          - {{ set: \"identifier[{i}].value\", from: {rule} }}\n          - {{ set: \"identifier[{i}].system\", value: \"urn:fn:{i}\" }}\n"
         ));
     }
-    std::fs::write(maps.join("m.yaml"), yaml).expect("write");
+    let (dir, maps) = mappings_with(&yaml);
     let b = map_bundle(
         dir.path(),
         &maps,
@@ -645,9 +646,7 @@ fn check_explains_yaml_mistakes_in_authors_words() {
     // One mistake per file, so that `check` reports each (a file that does not parse stops at
     // its first error). Each is named at its position, without the parser's own prefix or its
     // internal names, and a misspelt key gets the closest valid one.
-    let dir = tempfile::tempdir().expect("tmp");
-    let maps = dir.path().join("maps");
-    std::fs::create_dir_all(&maps).expect("mkdir");
+    let (dir, maps) = maps_dir();
     let files = [
         (
             "a_list.yaml",
