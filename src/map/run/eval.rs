@@ -574,7 +574,7 @@ impl<'a, 'm> Runner<'a, 'm> {
         // Going through the general `Cow` first, then copying it out, stalled the processor
         // on reading back a value it had just written (`perf`: this function's own time fell
         // from ~6% to ~2% of the mapping benchmark).
-        if !self.has_escapes(seg) {
+        if !may_escape(self.msg, seg) {
             return if blank(raw) {
                 None
             } else {
@@ -583,11 +583,6 @@ impl<'a, 'm> Runner<'a, 'm> {
         }
         let text = decode_escapes_cow(raw, &seps, self.cx.encoding);
         if blank(&text) { None } else { Some(text) }
-    }
-
-    /// Whether segment `seg` may hold escape sequences (see [`decode_in`]).
-    fn has_escapes(&self, seg: usize) -> bool {
-        self.msg.segments().get(seg).is_none_or(|s| s.has_escapes())
     }
 }
 
@@ -660,11 +655,16 @@ fn decode_in<'c>(
     raw: &'c str,
     encoding: &'static encoding_rs::Encoding,
 ) -> Cow<'c, str> {
-    if msg.segments().get(seg).is_none_or(|s| s.has_escapes()) {
+    if may_escape(msg, seg) {
         decode_escapes_cow(raw, msg.separators(), encoding)
     } else {
         Cow::Borrowed(raw)
     }
+}
+
+/// Whether segment `seg` of `msg` may hold escape sequences (an unknown segment may).
+fn may_escape(msg: &crate::hl7::Message, seg: usize) -> bool {
+    msg.segments().get(seg).is_none_or(|s| s.has_escapes())
 }
 
 /// Whether repetition `r` passes a `[c.s=A,B]` filter (`[c.s!=A,B]` with `negate`).
