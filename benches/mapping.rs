@@ -4,6 +4,10 @@
 //!   issue-5 target (>= 30,000 messages per second on one core) measures.
 //! - `parse_map_validate_json`: the same plus the FHIR R4 and London profile validation the
 //!   pipeline runs before signing, for context.
+//! - `stage_*`: the stages on their own. `floor_resources_copy`: copying and dropping the mapped
+//!   resources' trees, the least any mapper that builds them as a tree pays, rules aside.
+//!   With `stage_charset_parse`, `stage_envelope` and `stage_json` it gives the cost of
+//!   `parse_map_json` before a single rule runs (README, Performance).
 //!
 //! Run: `cargo bench --bench mapping` (criterion runs on one thread).
 
@@ -105,6 +109,31 @@ fn bench(c: &mut Criterion) {
     let tree = envelope::assemble(&input, set.map(&msg, &cx, &feed.mappings).expect("map"));
     g.bench_function("stage_json", |b| {
         b.iter(|| black_box(hl7_edge::fhir::json::to_vec(black_box(&tree))))
+    });
+    // A floor. Whatever its rules, a mapper that builds this Bundle as a tree allocates and
+    // fills every node of the resources, and frees them once the Bundle is written: a copy of
+    // the finished trees, dropped, costs that much and nothing else.
+    g.bench_function("floor_resources_copy", |b| {
+        b.iter(|| {
+            black_box(&mapped.resources)
+                .iter()
+                .map(|r| r.json.clone())
+                .collect::<Vec<_>>()
+        })
+    });
+    // The envelope alone (MessageHeader, Provenance, entries): the resources it takes are
+    // copied before the clock starts, and the Bundle is dropped after it stops.
+    g.bench_function("stage_envelope", |b| {
+        b.iter_batched(
+            || hl7_edge::map::MapResult {
+                resources: mapped.resources.clone(),
+                focus: mapped.focus.clone(),
+                sender: mapped.sender,
+                ..Default::default()
+            },
+            |m| envelope::assemble(&input, m),
+            criterion::BatchSize::SmallInput,
+        )
     });
     let processor =
         Processor::new(Arc::new(set), site.clone(), Default::default()).expect("processor");
