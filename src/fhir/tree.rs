@@ -111,9 +111,9 @@ impl Obj {
     /// goes at the end.
     ///
     /// Inlined, as `entry` and `get_mut` are: the mapping runtime calls them for every value it
-    /// writes, and a call passes the value through memory it has just written. With the text
-    /// shortcut in `map::run`, 3-4% of `benches/mapping.rs` built without LTO; the release
-    /// profile's LTO build did not move.
+    /// writes, and a call passes the value through memory it has just written. Without LTO
+    /// that was 3-4% of `benches/mapping.rs` (measured together with a shortcut for text values,
+    /// since removed); the release profile's LTO build did not move.
     #[inline]
     pub fn insert(&mut self, key: impl Into<Key>, value: impl Into<Json>) {
         let key = key.into();

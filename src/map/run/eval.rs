@@ -112,10 +112,6 @@ impl<'a, 'm> Runner<'a, 'm> {
                 };
                 let v = match out {
                     Out::Element(v) => v,
-                    // Most values are text as it is: built here, not returned through a call.
-                    Out::Text(t) if matches!(rule.convert, Convert::String | Convert::None) => {
-                        Json::Str(t)
-                    }
                     Out::Text(t) => match self.convert(rule, t) {
                         Some(v) => v,
                         None => return Ok(false),
